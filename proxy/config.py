@@ -1,0 +1,265 @@
+"""Typed, validated configuration: the only reader of TOML files and SHADOW_PROXY_* variables.
+
+Precedence, lowest first: built-in defaults, the TOML file, environment variables
+(``SHADOW_PROXY_<SECTION>_<KEY>``), CLI flags. Everything is validated once, by pydantic,
+into frozen models that the rest of the program receives and never mutates.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "SHADOW_PROXY_"
+SECRET_KEYS = frozenset({"token"})
+MASK = "***"
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line naming the key and the fix."""
+
+
+def _parse_size(value: Any) -> Any:
+    """Accept 1048576, "1MiB", "64 KiB", "10MB"; leave other types for pydantic to reject."""
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match is None or match.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError("expected a byte size such as 1048576, '64KiB' or '10MiB'")
+        return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _validate_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected HOST:PORT, for example 127.0.0.1:8080 (port 0 picks a free port)")
+    return value
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """Split a validated HOST:PORT (IPv6 hosts may be bracketed)."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+Listen = Annotated[str, BeforeValidator(lambda v: _validate_listen(v) if isinstance(v, str) else v)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProxyConfig(_Section):
+    listen: Listen = "0.0.0.0:8080"
+    workers: int = Field(default=1, ge=1, le=64)
+    request_id_header: str = "x-request-id"
+    via: str = "shadow-proxy"
+    shutdown_timeout: Seconds = 30.0
+    keepalive_timeout: Seconds = 75.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+
+
+class AdminConfig(_Section):
+    listen: Listen = "127.0.0.1:9901"
+    token: str = ""
+    health_check_timeout: PositiveSeconds = 1.0
+
+
+class UpstreamConfig(_Section):
+    url: str = ""
+    connect_timeout: PositiveSeconds = 5.0
+    read_timeout: PositiveSeconds = 300.0
+    total_timeout: Seconds = 0.0
+    pool_size: int = Field(default=512, ge=1)
+    health_path: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:8000")
+        return value.rstrip("/")
+
+
+class CandidateConfig(UpstreamConfig):
+    connect_timeout: PositiveSeconds = 2.0
+    read_timeout: PositiveSeconds = 60.0
+    total_timeout: Seconds = 120.0
+    pool_size: int = Field(default=256, ge=1)
+
+
+class ShadowConfig(_Section):
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    routes: tuple[str, ...] = ("/*",)
+    methods: tuple[str, ...] = ("POST",)
+    max_in_flight: int = Field(default=256, ge=1)
+    max_body_bytes: ByteSize = 1024**2
+    marker_header: str = "x-shadow-request"
+    marker_value: str = "1"
+    drain_timeout: Seconds = 10.0
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(m.upper() for m in value)
+
+
+class RecordConfig(_Section):
+    enabled: bool = True
+    redis_url: str = ""
+    namespace: str = Field(default="shadow", pattern=r"^[A-Za-z0-9_.:-]+$")
+    stream: str = "records"
+    maxlen: int = Field(default=100_000, ge=1)
+    max_body_bytes: ByteSize = 256 * 1024
+    queue_max_records: int = Field(default=10_000, ge=1)
+    queue_max_bytes: ByteSize = 64 * 1024**2
+    batch_size: int = Field(default=256, ge=1)
+    retry_interval: PositiveSeconds = 0.5
+    flush_timeout: Seconds = 5.0
+    socket_timeout: PositiveSeconds = 5.0
+    redact_headers: tuple[str, ...] = ()
+    redact_json_paths: tuple[str, ...] = ()
+    redact_query_params: tuple[str, ...] = ("api_key", "api-key", "key", "token", "access_token")
+    redact_marker: str = "[REDACTED]"
+    embedded_dir: str = ""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value and not re.match(r"^(rediss?|unix)://", value):
+            raise ValueError("expected redis://HOST:PORT/DB, rediss:// or unix:// (empty starts an embedded Redis)")
+        return value
+
+
+class LimitsConfig(_Section):
+    max_body_bytes: ByteSize = 10 * 1024**2
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    max_headers: int = Field(default=128, ge=8)
+
+
+class Config(_Section):
+    proxy: ProxyConfig = ProxyConfig()
+    admin: AdminConfig = AdminConfig()
+    incumbent: UpstreamConfig = UpstreamConfig()
+    candidate: CandidateConfig = CandidateConfig()
+    shadow: ShadowConfig = ShadowConfig()
+    record: RecordConfig = RecordConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "proxy": ProxyConfig,
+    "admin": AdminConfig,
+    "incumbent": UpstreamConfig,
+    "candidate": CandidateConfig,
+    "shadow": ShadowConfig,
+    "record": RecordConfig,
+    "limits": LimitsConfig,
+}
+
+
+def _env_value(raw: str) -> Any:
+    """Read an environment value as a TOML value when it is one (0.5, true, ["/v1/*"]), else a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in SECTIONS or not key:
+            known = ", ".join(sorted(SECTIONS))
+            raise ConfigError(
+                f"unknown environment variable {name}: expected {ENV_PREFIX}<SECTION>_<KEY> with SECTION one of {known}"
+            )
+        overrides.setdefault(section, {})[key] = _env_value(raw)
+    return overrides
+
+
+def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: Any, sources: str) -> str:
+    """Turn the first pydantic error into one line: key, bad value, what is expected, where to fix it."""
+    loc = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = str(error["loc"][0]) if len(error["loc"]) > 1 else ""
+        model = SECTIONS.get(section)
+        known = ", ".join(model.model_fields) if model else ", ".join(SECTIONS)
+        where = f"[{section}]" if model else "the top level"
+        return f"unknown config key {loc}: remove it or use one of {where}: {known}"
+    shown = MASK if error["loc"][-1] in SECRET_KEYS else repr(error.get("input"))
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"invalid config key {loc} = {shown}: {message} (fix it in {sources})"
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Load, merge and validate the configuration once; raise ConfigError with a one-line message."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found: pass an existing file to --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    data = _merge(data, overrides or {})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        sources = f"{path or 'the config file'}, {ENV_PREFIX}* or the CLI flag"
+        raise ConfigError(_describe(exc.errors()[0], sources)) from None
+
+
+def require_incumbent(config: Config) -> None:
+    """The proxy cannot start without an incumbent; say how to give one."""
+    if not config.incumbent.url:
+        raise ConfigError(
+            "missing config key incumbent.url: pass --incumbent URL, set [incumbent] url, or SHADOW_PROXY_INCUMBENT_URL"
+        )
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The resolved configuration as plain data with secrets masked, for printing."""
+    data = config.model_dump(mode="json")
+    for section in data.values():
+        for key in SECRET_KEYS & section.keys():
+            if section[key]:
+                section[key] = MASK
+    for section in ("record",):
+        url = data[section].get("redis_url", "")
+        data[section]["redis_url"] = re.sub(r"//([^@/]*):([^@/]*)@", r"//\1:" + MASK + "@", url)
+    return data

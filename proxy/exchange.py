@@ -1,0 +1,224 @@
+"""The data model of one proxied request: what each arm did, captured cheaply on the hot path.
+
+The hot path only appends bytes and timestamps (``ArmCapture.on_chunk``). Turning a capture into
+the versioned wire format (``Exchange.to_fields``), with summaries and redaction, happens later in
+the recorder's writer task. The wire format is documented in ``docs/records.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+SCHEMA_VERSION = 1
+MAX_GAPS = 4096  # inter-chunk gaps kept per arm; beyond this only count, sum and max grow
+
+# Response headers never worth recording (and Set-Cookie is a secret).
+_SKIP_RESPONSE_HEADERS = frozenset({"set-cookie", "date", "connection", "keep-alive", "transfer-encoding"})
+
+
+@dataclass(slots=True)
+class ArmCapture:
+    """One arm's outcome: status or error class, timings (monotonic seconds) and captured body."""
+
+    upstream: str
+    role: str
+    cap: int
+    start: float = 0.0
+    first_byte: float | None = None
+    first_chunk: float | None = None
+    end: float | None = None
+    status: int | None = None
+    error: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
+    captured: int = 0
+    size: int = 0
+    chunk_count: int = 0
+    last_chunk: float = 0.0
+    gap_sum: float = 0.0
+    gap_max: float = 0.0
+    gaps: array[float] = field(default_factory=lambda: array("d"))
+
+    def on_headers(self, status: int, headers: list[tuple[str, str]], now: float) -> None:
+        self.status = status
+        self.headers = headers
+        self.first_byte = now
+
+    def on_chunk(self, data: bytes, now: float) -> None:
+        """Account one chunk: the only per-chunk work the live path does for recording."""
+        if self.chunk_count:
+            gap = now - self.last_chunk
+            self.gap_sum += gap
+            if gap > self.gap_max:
+                self.gap_max = gap
+            if len(self.gaps) < MAX_GAPS:
+                self.gaps.append(gap)
+        else:
+            self.first_chunk = now
+        self.chunk_count += 1
+        self.last_chunk = now
+        self.size += len(data)
+        room = self.cap - self.captured
+        if room > 0:
+            piece = data if len(data) <= room else data[:room]
+            self.chunks.append(piece)
+            self.captured += len(piece)
+
+    def finish(self, now: float, error: str | None = None) -> None:
+        if self.end is None:
+            self.end = now
+        if error is not None and self.error is None:
+            self.error = error
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    @property
+    def truncated(self) -> bool:
+        return self.size > self.captured
+
+    def summary(self, origin: float) -> dict[str, Any]:
+        """The arm as wire-format metadata; times in ms relative to the request's arrival."""
+
+        def rel(t: float | None) -> float | None:
+            return None if t is None else round((t - origin) * 1000.0, 3)
+
+        gaps = sorted(self.gaps)
+        return {
+            "upstream": self.upstream,
+            "role": self.role,
+            "status": self.status,
+            "error": self.error,
+            "start_ms": rel(self.start),
+            "first_byte_ms": rel(self.first_byte),
+            "first_chunk_ms": rel(self.first_chunk),
+            "end_ms": rel(self.end),
+            "ttfb_ms": _delta(self.start, self.first_byte),
+            "duration_ms": _delta(self.start, self.end),
+            "chunks": {
+                "count": self.chunk_count,
+                "gap_mean_ms": round(self.gap_sum / (self.chunk_count - 1) * 1000.0, 3)
+                if self.chunk_count > 1
+                else None,
+                "gap_p50_ms": _quantile_ms(gaps, 0.50),
+                "gap_p95_ms": _quantile_ms(gaps, 0.95),
+                "gap_max_ms": round(self.gap_max * 1000.0, 3) if self.chunk_count > 1 else None,
+            },
+            "headers": [[k.lower(), v] for k, v in self.headers if k.lower() not in _SKIP_RESPONSE_HEADERS],
+            "bytes": self.size,
+            "captured_bytes": self.captured,
+            "truncated": self.truncated,
+        }
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round((b - a) * 1000.0, 3)
+
+
+def _quantile_ms(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0, 3)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client request and what both arms did with it; recorded once both arms have ended."""
+
+    request_id: str
+    method: str
+    path: str
+    query: str
+    route: str
+    headers: list[tuple[str, str]]
+    client_ip: str
+    received_wall: float
+    received: float
+    body: bytes = b""
+    live: ArmCapture | None = None
+    shadow: ArmCapture | None = None
+    shadow_skipped: str | None = None
+    client_disconnected: bool = False
+    response_status: int | None = None
+    pending: int = 0
+    on_complete: Callable[[Exchange], None] | None = None
+
+    def expect_arm(self) -> None:
+        self.pending += 1
+
+    def arm_done(self) -> None:
+        """Called once per arm; the last one to finish hands the exchange to the recorder."""
+        self.pending -= 1
+        if self.pending == 0 and self.on_complete is not None:
+            callback, self.on_complete = self.on_complete, None
+            callback(self)
+
+    def size_hint(self) -> int:
+        """Approximate bytes this exchange holds, for the recorder's byte bound."""
+        size = len(self.body) + 512
+        for arm in (self.live, self.shadow):
+            if arm is not None:
+                size += arm.captured + 256
+        return size
+
+    def to_fields(self, redact: Redaction, cap: int) -> dict[str, bytes]:
+        """The stream entry: small fields for filtering, JSON metadata, raw (redacted) bodies."""
+        meta = {
+            "v": SCHEMA_VERSION,
+            "request_id": self.request_id,
+            "time": self.received_wall,
+            "method": self.method,
+            "path": self.path,
+            "query": redact.query(self.query),
+            "route": self.route,
+            "client_ip": self.client_ip,
+            "request": {
+                "headers": redact.headers(self.headers),
+                "bytes": len(self.body),
+                "captured_bytes": min(len(self.body), cap),
+                "truncated": len(self.body) > cap,
+            },
+            "client_disconnected": self.client_disconnected,
+            "response_status": self.response_status
+            if self.response_status is not None
+            else (self.live.status if self.live else None),
+            "shadow_skipped": self.shadow_skipped,
+        }
+        fields = {
+            "v": str(SCHEMA_VERSION).encode(),
+            "request_id": self.request_id.encode(),
+            "body.request": redact.body(self.body[:cap], len(self.body) > cap),
+        }
+        arms: dict[str, Any] = {}
+        for key, arm in (("live", self.live), ("shadow", self.shadow)):
+            if arm is None:
+                continue
+            summary = arm.summary(self.received)
+            summary["headers"] = redact.headers([(k, v) for k, v in summary["headers"]])
+            arms[key] = summary
+            fields[f"body.{key}"] = redact.body(arm.body, arm.truncated)
+        meta["arms"] = arms
+        fields["meta"] = orjson.dumps(meta)
+        return fields
+
+
+class Redaction(Protocol):
+    """What ``to_fields`` needs from the redactor (implemented in ``redaction.py``)."""
+
+    def headers(self, items: list[tuple[str, str]]) -> list[list[str]]: ...
+
+    def query(self, query: str) -> str: ...
+
+    def body(self, body: bytes, truncated: bool) -> bytes: ...
+
+
+def now() -> float:
+    """The monotonic clock every timing in an exchange is measured on."""
+    return time.perf_counter()

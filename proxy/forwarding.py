@@ -1,0 +1,258 @@
+"""The hot path: read the request, start the mirror beside it, relay the incumbent's stream back.
+
+Nothing here waits on the candidate, the recorder or Redis: the mirror is a task owned by the
+shadow dispatcher, and the recorder receives the exchange through a synchronous, bounded hand-off
+when the last arm has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from .exchange import ArmCapture, Exchange, now
+from .headers import append_via, end_to_end, request_headers
+from .metrics import Metrics
+from .recorder import Recorder
+from .routing import MirrorPolicy, RouteTable
+from .shadow import ShadowDispatcher
+from .upstream import Failure, Upstream, classify
+
+log = structlog.get_logger("shadow_proxy.forwarding")
+
+_UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarder:
+    """Everything the live path needs, built once at startup."""
+
+    incumbent: Upstream
+    shadow: ShadowDispatcher | None
+    recorder: Recorder | None
+    metrics: Metrics
+    policy: MirrorPolicy
+    routes: RouteTable
+    request_id_header: str
+    via: str
+    max_body_bytes: int
+    record_cap: int
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The single route of the main listener: every method, every path."""
+        request_id = request.headers.get(self.request_id_header) or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        body = await read_body(request, self.max_body_bytes)
+        if body is None:
+            self.metrics.rejected.labels("body_too_large").inc()
+            log.warning("request_rejected", reason="body_too_large", limit=self.max_body_bytes)
+            return error_response(
+                413,
+                "request_too_large",
+                f"request body exceeds {self.max_body_bytes} bytes",
+                request_id,
+                self.request_id_header,
+            )
+        exchange = self._exchange(request, request_id, body)
+        raw_target = request.raw_path
+        headers = request_headers(
+            request.headers.items(),
+            client_ip=request.remote or "",
+            scheme=request.scheme,
+            host=request.host,
+            via=self.via,
+            request_id_header=self.request_id_header,
+            request_id=request_id,
+        )
+        self._maybe_mirror(exchange, raw_target, headers)
+        try:
+            return await self._relay(request, exchange, raw_target, headers)
+        finally:
+            exchange.arm_done()
+
+    async def handle_expect(self, request: web.Request) -> web.StreamResponse | None:
+        """Answer ``Expect: 100-continue``, refusing an announced oversize body before it is sent."""
+        request_id = request.headers.get(self.request_id_header) or uuid.uuid4().hex
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            self.metrics.rejected.labels("bad_expect").inc()
+            return error_response(
+                417, "expectation_failed", "only Expect: 100-continue is supported", request_id, self.request_id_header
+            )
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            self.metrics.rejected.labels("body_too_large").inc()
+            return error_response(
+                413,
+                "request_too_large",
+                f"request body exceeds {self.max_body_bytes} bytes",
+                request_id,
+                self.request_id_header,
+            )
+        if request.version >= aiohttp.HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+
+    def _exchange(self, request: web.Request, request_id: str, body: bytes) -> Exchange:
+        path, _, query = request.raw_path.partition("?")
+        exchange = Exchange(
+            request_id=request_id,
+            method=request.method,
+            path=path,
+            query=query,
+            route=self.routes.match(request.path) or "other",
+            headers=list(request.headers.items()),
+            client_ip=request.remote or "",
+            received_wall=time.time(),
+            received=now(),
+            body=body,
+            on_complete=self.recorder.submit if self.recorder is not None else None,
+        )
+        exchange.live = ArmCapture(self.incumbent.name, "live", self.record_cap)
+        exchange.expect_arm()
+        return exchange
+
+    def _maybe_mirror(self, exchange: Exchange, raw_target: str, headers: list[tuple[str, str]]) -> None:
+        reason = self.policy.skip_reason(
+            method=exchange.method,
+            route=None if exchange.route == "other" else exchange.route,
+            request_id=exchange.request_id,
+            body_size=len(exchange.body),
+        )
+        if reason is not None or self.shadow is None:
+            exchange.shadow_skipped = reason or "no_candidate"
+            self.metrics.mirrors_skipped.labels(exchange.shadow_skipped).inc()
+            return
+        self.shadow.dispatch(exchange, raw_target, headers)
+
+    async def _relay(
+        self, request: web.Request, exchange: Exchange, raw_target: str, headers: list[tuple[str, str]]
+    ) -> web.StreamResponse:
+        live = exchange.live
+        assert live is not None
+        live.start = now()
+        upstream_response: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                upstream_response = await self.incumbent.send(request.method, raw_target, headers, exchange.body)
+            except _UPSTREAM_ERRORS as exc:
+                return self._failed(exchange, classify(exc))
+            live.on_headers(upstream_response.status, list(upstream_response.headers.items()), now())
+            response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)
+            for name, value in end_to_end(upstream_response.headers.items()):
+                response.headers.add(name, value)
+            response.headers["Via"] = append_via(upstream_response.headers.items(), self.via)
+            response.headers[self.request_id_header] = exchange.request_id
+            await response.prepare(request)
+            await self._stream(request, exchange, upstream_response, response)
+            return response
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the client disconnects: stop the incumbent too.
+            exchange.client_disconnected = True
+            live.finish(now(), "client_disconnected")
+            self.metrics.client_disconnects.inc()
+            log.info("client_disconnected", phase="waiting" if live.first_byte is None else "streaming")
+            raise
+        finally:
+            if upstream_response is not None:
+                upstream_response.close()
+            self._account(exchange, live)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        upstream_response: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+    ) -> None:
+        live = exchange.live
+        assert live is not None
+        content = upstream_response.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except _UPSTREAM_ERRORS as exc:
+                failure = classify(exc)
+                live.finish(now(), failure.error)
+                log.warning("upstream_failed_mid_stream", error=failure.error, detail=failure.detail)
+                # Headers are gone already: cut the connection so the client sees a truncated body.
+                if request.transport is not None:
+                    request.transport.abort()
+                return
+            if not chunk:
+                break
+            live.on_chunk(chunk, now())
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                exchange.client_disconnected = True
+                live.finish(now(), "client_disconnected")
+                self.metrics.client_disconnects.inc()
+                return
+        await response.write_eof()
+        live.finish(now())
+
+    def _failed(self, exchange: Exchange, failure: Failure) -> web.Response:
+        assert exchange.live is not None
+        exchange.live.finish(now(), failure.error)
+        exchange.response_status = failure.status
+        log.warning("upstream_failed", upstream=self.incumbent.name, error=failure.error, detail=failure.detail)
+        return error_response(
+            failure.status,
+            failure.error,
+            f"incumbent upstream failed: {failure.detail}",
+            exchange.request_id,
+            self.request_id_header,
+        )
+
+    def _account(self, exchange: Exchange, live: ArmCapture) -> None:
+        code = live.status if exchange.response_status is None else exchange.response_status
+        self.metrics.requests.labels(self.incumbent.name, exchange.route, str(code or 0)).inc()
+        if live.error is not None:
+            self.metrics.upstream_errors.labels(self.incumbent.name, "live", live.error).inc()
+        elif live.end is not None:
+            self.metrics.upstream_latency.labels(self.incumbent.name, "live").observe(live.end - live.start)
+        log.debug(
+            "request_proxied",
+            method=exchange.method,
+            path=exchange.path,
+            status=code,
+            error=live.error,
+            duration_ms=None if live.end is None else round((live.end - exchange.received) * 1000, 3),
+            mirrored=exchange.shadow is not None,
+            shadow_skipped=exchange.shadow_skipped,
+        )
+
+
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole request body (chunked included), or None when it is larger than the limit."""
+    length = request.content_length
+    if length is not None and length > limit:
+        return None
+    if not request.body_exists:
+        return b""
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def error_response(status: int, error: str, message: str, request_id: str, request_id_header: str) -> web.Response:
+    """A JSON error in the OpenAI-compatible shape, so SDK clients surface the message."""
+    body = {"error": {"message": message, "type": error, "code": status, "request_id": request_id}}
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={request_id_header: request_id},
+    )

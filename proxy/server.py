@@ -1,0 +1,139 @@
+"""Lifecycle of one proxy process: listeners, ordered startup, graceful ordered shutdown.
+
+Contexts are registered in ``cleanup_ctx`` order (store, upstream sessions, recorder, shadow) and
+torn down in reverse after aiohttp has stopped accepting and let in-flight requests finish:
+mirrors drain, then the recorder flushes, then sessions close, then Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from .admin import RUNTIME, admin_app
+from .config import Config, split_listen
+from .runtime import Runtime
+
+log = structlog.get_logger("shadow_proxy.server")
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    yield
+    if runtime.store is not None:
+        await runtime.store.close()
+
+
+async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    upstreams = [u for u in (runtime.incumbent, runtime.candidate) if u is not None]
+    for upstream in upstreams:
+        await upstream.start()
+    yield
+    for upstream in upstreams:
+        await upstream.close()
+
+
+async def _recorder_ctx(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    if runtime.recorder is not None:
+        runtime.recorder.start()
+    yield
+    if runtime.recorder is not None:
+        await runtime.recorder.close(runtime.config.record.flush_timeout)
+
+
+async def _shadow_ctx(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    yield
+    if runtime.shadow is not None:
+        await runtime.shadow.drain(runtime.config.shadow.drain_timeout)
+
+
+def main_app(runtime: Runtime) -> web.Application:
+    # The body is read by the forwarder with its own limit; aiohttp's own cap must not interfere.
+    app = web.Application(client_max_size=runtime.config.limits.max_body_bytes + 1)
+    app[RUNTIME] = runtime
+    app.cleanup_ctx.extend([_store_ctx, _sessions_ctx, _recorder_ctx, _shadow_ctx])
+    forwarder = runtime.forwarder
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle, expect_handler=forwarder.handle_expect)
+    return app
+
+
+class ProxyServer:
+    """The main and admin listeners of one process."""
+
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+        self.config = config
+        self.runtime = Runtime.build(config)
+        self._reuse_port = reuse_port
+        limits = config.limits
+        self._runner = web.AppRunner(
+            main_app(self.runtime),
+            handle_signals=False,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=config.proxy.shutdown_timeout,
+            keepalive_timeout=config.proxy.keepalive_timeout,
+            max_line_size=limits.max_header_bytes,
+            max_field_size=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+        )
+        self._admin_runner = web.AppRunner(admin_app(self.runtime), handle_signals=False, access_log=None)
+        self.port = 0
+        self.admin_port = 0
+
+    async def start(self) -> None:
+        """Bind both listeners; raises OSError (after cleaning up) when a port cannot be bound."""
+        await self._runner.setup()
+        await self._admin_runner.setup()
+        try:
+            await self._bind()
+        except OSError:
+            await self._runner.cleanup()
+            await self._admin_runner.cleanup()
+            raise
+
+    async def _bind(self) -> None:
+        host, port = split_listen(self.config.proxy.listen)
+        site = web.TCPSite(self._runner, host, port, reuse_port=self._reuse_port, backlog=1024)
+        await site.start()
+        admin_host, admin_port = split_listen(self.config.admin.listen)
+        admin_site = web.TCPSite(self._admin_runner, admin_host, admin_port, reuse_port=self._reuse_port)
+        await admin_site.start()
+        self.port = self._runner.addresses[0][1]
+        self.admin_port = self._admin_runner.addresses[0][1]
+        log.info(
+            "proxy_listening",
+            listen=f"{host}:{self.port}",
+            admin=f"{admin_host}:{self.admin_port}",
+            incumbent=self.config.incumbent.url,
+            candidate=self.config.candidate.url or None,
+            recording=self.config.record.enabled,
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight requests, drain mirrors, flush records, close pools."""
+        self.runtime.shutting_down = True
+        log.info("proxy_stopping")
+        await self._runner.cleanup()
+        await self._admin_runner.cleanup()
+        log.info("proxy_stopped")
+
+
+async def serve_until_signal(config: Config, *, reuse_port: bool = False) -> None:
+    """Run one process until SIGTERM or SIGINT, then shut down in order."""
+    server = ProxyServer(config, reuse_port=reuse_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
