@@ -88,13 +88,20 @@ class Forwarder:
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
             self.metrics.rejected.labels("body_too_large").inc()
-            return error_response(
+            response = error_response(
                 413,
                 "request_too_large",
                 f"request body exceeds {self.max_body_bytes} bytes",
                 request_id,
                 self.request_id_header,
             )
+            # The client waits for our word before uploading: answer, then close rather than
+            # linger for a body that will not come.
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
+            return response
         if request.version >= aiohttp.HttpVersion11:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None

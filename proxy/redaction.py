@@ -50,7 +50,9 @@ class Redactor:
         except orjson.JSONDecodeError:
             if truncated and body.lstrip()[:1] in (b"{", b"["):
                 # A cut JSON body might hold a field we were told to mask: keep none of it.
-                return orjson.dumps({"redacted": "truncated JSON body cannot be checked for secrets"})
+                return orjson.dumps(
+                    {"redacted": "truncated JSON body withheld: its fields cannot be checked for masking"}
+                )
             return body
         hit = False
         for path in self._paths:

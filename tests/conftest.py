@@ -1,0 +1,141 @@
+"""Real parts for the tests: a redis-server process, upstream HTTP servers and the proxy on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.config import Config, load_config
+from proxy.embedded_redis import EmbeddedRedis
+from proxy.server import ProxyServer
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """One real redis-server for the session, started the same way `serve` starts its embedded one."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    """The session Redis, flushed before each test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+class Upstream:
+    """A real HTTP server on a loopback port, serving one handler for every method and path."""
+
+    def __init__(self, handler: Handler) -> None:
+        app = web.Application(client_max_size=64 * 1024**2)
+        app.router.add_route("*", "/{tail:.*}", self._record(handler))
+        self.server = TestServer(app, host="127.0.0.1")
+        self.requests: list[dict[str, Any]] = []
+
+    def _record(self, handler: Handler) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            self.requests.append(
+                {
+                    "method": request.method,
+                    "raw_path": request.raw_path,
+                    "headers": list(request.headers.items()),
+                    "body": body,
+                }
+            )
+            return await handler(request)
+
+        return wrapped
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Callable[[Handler], Awaitable[Upstream]]]:
+    """Factory: start an upstream server for a handler; all are closed after the test."""
+    started: list[Upstream] = []
+
+    async def start(handler: Handler) -> Upstream:
+        upstream = Upstream(handler)
+        await upstream.server.start_server()
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        await upstream.server.close()
+
+
+async def echo(request: web.Request) -> web.Response:
+    """Answers with JSON describing what arrived."""
+    body = await request.read()
+    return web.json_response({"method": request.method, "path": request.raw_path, "bytes": len(body)})
+
+
+def make_config(**sections: dict[str, Any]) -> Config:
+    """A config for tests: loopback listeners on free ports, no environment, overrides per section."""
+    base: dict[str, dict[str, Any]] = {
+        "proxy": {"listen": "127.0.0.1:0", "shutdown_timeout": 5.0},
+        "admin": {"listen": "127.0.0.1:0"},
+        "record": {"retry_interval": 0.05},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return load_config(None, environ={}, overrides=base)
+
+
+@pytest.fixture
+async def proxies() -> AsyncIterator[Callable[..., Awaitable[ProxyServer]]]:
+    """Factory: start an in-process proxy with make_config(**sections); stopped after the test."""
+    started: list[ProxyServer] = []
+
+    async def start(**sections: dict[str, Any]) -> ProxyServer:
+        server = ProxyServer(make_config(**sections))
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if not server.runtime.shutting_down:
+            await server.stop()
+
+
+async def eventually(predicate: Callable[[], bool], *, timeout: float = 10.0) -> None:
+    """Wait until a condition holds (polling the event loop), failing after a generous deadline."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def records(client: redis.Redis, key: str = "{shadow}:records") -> list[dict[str, Any]]:
+    """Every record in the stream, with meta parsed."""
+    out = []
+    for _, fields in client.xrange(key):
+        entry = {k.decode(): v for k, v in fields.items()}
+        entry["meta"] = orjson.loads(entry["meta"])
+        out.append(entry)
+    return out

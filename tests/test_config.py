@@ -1,0 +1,134 @@
+"""Config: typed defaults, precedence file < environment < flags, one-line errors naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, load_config, masked
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_documented_values() -> None:
+    """Without a file the documented defaults apply."""
+    config = load_config(None, environ={})
+    assert config.proxy.listen == "0.0.0.0:8080"
+    assert config.admin.listen == "127.0.0.1:9901"
+    assert config.limits.max_body_bytes == 10 * 1024**2
+    assert config.shadow.marker_header == "x-shadow-request"
+
+
+def test_example_config_is_valid_and_complete() -> None:
+    """config.example.toml loads and mentions every key of every section."""
+    example = Path(__file__).parent.parent / "config.example.toml"
+    config = load_config(example, environ={})
+    text = example.read_text()
+    for section, values in config.model_dump().items():
+        assert f"[{section}]" in text
+        for key in values:
+            assert f"{key} =" in text, f"{section}.{key} is not documented in config.example.toml"
+
+
+def test_environment_overrides_file_and_flags_override_environment(tmp_path: Path) -> None:
+    """SHADOW_PROXY_<SECTION>_<KEY> beats the file; CLI overrides beat both; values are typed."""
+    path = _write(tmp_path, '[shadow]\nsample_rate = 0.1\n[admin]\nlisten = "127.0.0.1:1"\n')
+    environ = {
+        "SHADOW_PROXY_SHADOW_SAMPLE_RATE": "0.5",
+        "SHADOW_PROXY_ADMIN_LISTEN": "127.0.0.1:9911",
+        "SHADOW_PROXY_SHADOW_ROUTES": '["/v1/*"]',
+    }
+    config = load_config(path, environ=environ, overrides={"admin": {"listen": "127.0.0.1:2"}})
+    assert config.shadow.sample_rate == 0.5
+    assert config.shadow.routes == ("/v1/*",)
+    assert config.admin.listen == "127.0.0.1:2"
+
+
+def test_byte_sizes_accept_units(tmp_path: Path) -> None:
+    """Sizes may be written as integers or with units."""
+    config = load_config(
+        _write(tmp_path, '[limits]\nmax_body_bytes = "2MiB"\n[record]\nmax_body_bytes = "64 KiB"\n'), environ={}
+    )
+    assert config.limits.max_body_bytes == 2 * 1024**2
+    assert config.record.max_body_bytes == 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[shadow]\nsampel_rate = 1\n", "unknown config key shadow.sampel_rate: remove it or use one of [shadow]: "),
+        ("[shadw]\nx = 1\n", "unknown config key shadw"),
+        ("[shadow]\nsample_rate = 1.5\n", "invalid config key shadow.sample_rate = 1.5: Input should be less than"),
+        ('[proxy]\nlisten = "8080"\n', "invalid config key proxy.listen = '8080': expected HOST:PORT"),
+        ('[incumbent]\nurl = "model-a:8000"\n', "invalid config key incumbent.url = 'model-a:8000': expected an http"),
+        (
+            '[limits]\nmax_body_bytes = "ten"\n',
+            "invalid config key limits.max_body_bytes = 'ten': expected a byte size",
+        ),
+        ("[admin]\ntoken = 5\n", "invalid config key admin.token = ***"),
+    ],
+)
+def test_errors_name_the_key_the_value_and_the_fix(tmp_path: Path, text: str, expected: str) -> None:
+    """Every invalid or unknown key produces one line naming it (secrets masked)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), environ={})
+    assert str(info.value).startswith(expected)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_environment_section_is_an_error() -> None:
+    """A misspelt SHADOW_PROXY_ variable is refused rather than silently ignored."""
+    with pytest.raises(ConfigError, match="unknown environment variable SHADOW_PROXY_SHADDOW_SAMPLE_RATE"):
+        load_config(None, environ={"SHADOW_PROXY_SHADDOW_SAMPLE_RATE": "1"})
+
+
+def test_masked_hides_token_and_redis_password() -> None:
+    """The printable config never shows the admin token or a Redis password."""
+    config = load_config(
+        None, environ={}, overrides={"admin": {"token": "t0p"}, "record": {"redis_url": "redis://u:pw@h:1/0"}}
+    )
+    data = masked(config)
+    assert data["admin"]["token"] == "***"
+    assert data["record"]["redis_url"] == "redis://u:***@h:1/0"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_check_config_prints_resolved_config_and_exits_0(tmp_path: Path) -> None:
+    """check-config prints the resolved JSON with secrets masked."""
+    result = _cli("check-config", str(_write(tmp_path, '[admin]\ntoken = "s3cret"\n[incumbent]\nurl = "http://a:1"\n')))
+    assert result.returncode == 0, result.stderr
+    assert '"token": "***"' in result.stdout and "s3cret" not in result.stdout
+    assert '"url": "http://a:1"' in result.stdout
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    """serve and check-config exit 2 with a single line naming the key."""
+    path = _write(tmp_path, "[shadow]\nmax_in_flight = 0\n")
+    for args in (["check-config", str(path)], ["serve", "--config", str(path), "--incumbent", "http://127.0.0.1:1"]):
+        result = _cli(*args)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1
+        assert "shadow.max_in_flight = 0" in result.stderr
+
+
+def test_serve_without_incumbent_exits_2() -> None:
+    """The one required setting is named with the three ways to give it."""
+    result = _cli("serve")
+    assert result.returncode == 2
+    assert "incumbent.url" in result.stderr and "--incumbent" in result.stderr
