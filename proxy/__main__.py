@@ -17,7 +17,7 @@ import uvloop
 from . import __version__, logs
 from .config import Config, ConfigError, load_config, masked, require_incumbent, split_listen
 from .embedded_redis import EmbeddedRedis, EmbeddedRedisError, default_data_dir, free_port
-from .server import serve_until_signal
+from .server import serve_until_signal, worker_main
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -75,12 +75,6 @@ def _with(config: Config, section: str, **values: Any) -> Config:
     return config.model_copy(update={section: updated})
 
 
-def _worker(config: Config) -> None:
-    """Entry point of one worker process (spawned, so it starts from a clean interpreter)."""
-    logs.configure(config.proxy.log_level, config.proxy.log_format)
-    uvloop.run(serve_until_signal(config, reuse_port=config.proxy.workers > 1))
-
-
 def _pin_free_ports(config: Config) -> Config:
     """With several workers every process must bind the same port: choose port 0's port once."""
     for section in ("proxy", "admin"):
@@ -93,7 +87,7 @@ def _pin_free_ports(config: Config) -> Config:
 def _run_workers(config: Config) -> int:
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker, args=(config,), name=f"worker-{i}") for i in range(config.proxy.workers)
+        context.Process(target=worker_main, args=(config,), name=f"worker-{i}") for i in range(config.proxy.workers)
     ]
     for process in processes:
         process.start()

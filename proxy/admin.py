@@ -6,7 +6,7 @@ import asyncio
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
 
 from .runtime import Runtime
 
@@ -50,8 +50,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[RUNTIME].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    """Prometheus exposition, in the format the scraper asks for (text or OpenMetrics)."""
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(request.app[RUNTIME].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def admin_app(runtime: Runtime) -> web.Application:

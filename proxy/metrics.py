@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # The *_created series double every counter's output and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -77,9 +77,6 @@ class Metrics:
         )
         self.record_queue_depth = Gauge("shadow_proxy_record_queue_depth", "Records waiting to be written.", registry=r)
         self.record_queue_bytes = Gauge("shadow_proxy_record_queue_bytes", "Bytes held by records waiting.", registry=r)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
     def value(self, name: str, **labels: str) -> float:
         """One sample's current value (0 when absent): for tests and the readiness report."""

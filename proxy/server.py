@@ -12,8 +12,10 @@ import signal
 from collections.abc import AsyncIterator
 
 import structlog
+import uvloop
 from aiohttp import web
 
+from . import logs
 from .admin import RUNTIME, admin_app
 from .config import Config, split_listen
 from .runtime import Runtime
@@ -137,3 +139,9 @@ async def serve_until_signal(config: Config, *, reuse_port: bool = False) -> Non
         await stop.wait()
     finally:
         await server.stop()
+
+
+def worker_main(config: Config) -> None:
+    """Entry point of one spawned worker process (importable by name, as spawn requires)."""
+    logs.configure(config.proxy.log_level, config.proxy.log_format)
+    uvloop.run(serve_until_signal(config, reuse_port=config.proxy.workers > 1))

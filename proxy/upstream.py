@@ -37,7 +37,7 @@ def classify(exc: BaseException) -> Failure:
             return Failure("read_timeout", 504, detail)
         case asyncio.TimeoutError():
             return Failure("timeout", 504, detail or "total timeout exceeded")
-        case aiohttp.ClientConnectorError():
+        case aiohttp.ClientConnectorError() | ConnectionRefusedError():
             return Failure("connect_error", 502, detail)
         case aiohttp.ServerDisconnectedError():
             return Failure("disconnected", 502, detail)

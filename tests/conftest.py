@@ -124,10 +124,11 @@ async def proxies() -> AsyncIterator[Callable[..., Awaitable[ProxyServer]]]:
             await server.stop()
 
 
-async def eventually(predicate: Callable[[], bool], *, timeout: float = 10.0) -> None:
-    """Wait until a condition holds (polling the event loop), failing after a generous deadline."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
+async def eventually(predicate: Callable[[], bool], *, within: float = 10.0) -> None:
+    """Wait until a condition holds, failing after a generous deadline (not a timing assertion)."""
+    async with asyncio.timeout(within):
+        # Polling on purpose: the conditions are facts in other components (counters, streams).
+        while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
 

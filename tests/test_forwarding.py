@@ -100,9 +100,7 @@ async def test_expect_continue_is_answered_and_oversize_refused_before_upload(up
     async with aiohttp.ClientSession() as client:
         async with client.post(f"http://127.0.0.1:{proxy.port}/x", data=b"abc", expect100=True) as resp:
             assert resp.status == 200 and (await resp.json())["bytes"] == 3
-    head = (
-        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5000\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
-    )
+    head = b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5000\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
     answer = await _raw_request(proxy.port, head)
     assert answer.startswith(b"HTTP/1.1 413")
     assert b"100 Continue" not in answer

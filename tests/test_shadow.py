@@ -1,0 +1,192 @@
+"""Shadow dispatch: the candidate gets a faithful copy, and nothing it does reaches the live path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+
+from proxy.embedded_redis import free_port
+
+from .conftest import echo, eventually, records
+
+
+def _hanging(release: asyncio.Event, arrived: list[str] | None = None):  # type: ignore[no-untyped-def]
+    async def handler(request: web.Request) -> web.Response:
+        if arrived is not None:
+            arrived.append(request.headers.get("x-request-id", ""))
+        await release.wait()
+        return web.json_response({"late": True})
+
+    return handler
+
+
+async def test_mirror_is_a_faithful_copy_with_marker_and_own_host(upstreams, proxies) -> None:
+    """Method, path, query, body and headers are copied; a marker is added; Host is the candidate's."""
+    incumbent = await upstreams(echo)
+    candidate = await upstreams(echo)
+    proxy = await proxies(incumbent={"url": incumbent.url}, candidate={"url": candidate.url}, record={"enabled": False})
+    async with aiohttp.ClientSession() as client:
+        url = f"http://127.0.0.1:{proxy.port}/v1/chat/completions?a=1&a=2"
+        async with client.post(url, data=b'{"model":"m"}', headers={"Authorization": "Bearer k", "X-T": "1"}) as resp:
+            assert resp.status == 200
+    await eventually(lambda: len(candidate.requests) == 1)
+    live, mirror = incumbent.requests[0], candidate.requests[0]
+    assert mirror["method"] == "POST" and mirror["raw_path"] == "/v1/chat/completions?a=1&a=2"
+    assert mirror["body"] == live["body"] == b'{"model":"m"}'
+    mirror_headers = {k.lower(): v for k, v in mirror["headers"]}
+    live_headers = {k.lower(): v for k, v in live["headers"]}
+    assert mirror_headers.pop("x-shadow-request") == "1"
+    assert "x-shadow-request" not in live_headers
+    assert mirror_headers.pop("host") == candidate.url.removeprefix("http://")
+    assert live_headers.pop("host") == incumbent.url.removeprefix("http://")
+    assert mirror_headers == live_headers
+
+
+async def test_hanging_candidate_does_not_hold_the_live_path(upstreams, proxies) -> None:
+    """Every live answer arrives while the candidate is still hanging on all its mirrors."""
+    release = asyncio.Event()
+    arrived: list[str] = []
+    incumbent = await upstreams(echo)
+    candidate = await upstreams(_hanging(release, arrived))
+    proxy = await proxies(incumbent={"url": incumbent.url}, candidate={"url": candidate.url}, record={"enabled": False})
+    async with aiohttp.ClientSession() as client:
+        for _ in range(20):
+            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
+                assert resp.status == 200
+    await eventually(lambda: len(arrived) == 20)
+    assert not release.is_set() and proxy.runtime.shadow is not None
+    assert proxy.runtime.shadow.in_flight == 20
+    release.set()
+    await eventually(lambda: proxy.runtime.shadow.in_flight == 0)
+
+
+async def test_refusing_candidate_is_counted_and_recorded(upstreams, proxies, redis_url, redis_client) -> None:
+    """Mirrors to a closed port fail as connect_error: counted, recorded, invisible to clients."""
+    incumbent = await upstreams(echo)
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": f"http://127.0.0.1:{free_port()}"},
+        record={"redis_url": redis_url},
+    )
+    async with aiohttp.ClientSession() as client:
+        for _ in range(5):
+            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
+                assert resp.status == 200
+    metrics = proxy.runtime.metrics
+    await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 5)
+    assert metrics.value("shadow_proxy_mirrors_failed_total", error="connect_error") == 5
+    for record in records(redis_client):
+        assert record["meta"]["arms"]["shadow"]["error"] == "connect_error"
+        assert record["meta"]["arms"]["live"]["status"] == 200
+
+
+async def test_mirror_cap_drops_and_counts(upstreams, proxies, redis_url, redis_client) -> None:
+    """Beyond shadow.max_in_flight mirrors are dropped as "full"; every request is still recorded."""
+    release = asyncio.Event()
+    incumbent = await upstreams(echo)
+    candidate = await upstreams(_hanging(release))
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": candidate.url},
+        shadow={"max_in_flight": 2},
+        record={"redis_url": redis_url},
+    )
+    async with aiohttp.ClientSession() as client:
+        for _ in range(5):
+            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
+                assert resp.status == 200
+    metrics = proxy.runtime.metrics
+    assert metrics.value("shadow_proxy_mirrors_sent_total") == 2
+    assert metrics.value("shadow_proxy_mirrors_skipped_total", reason="full") == 3
+    await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 3)
+    release.set()
+    await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 5)
+    skipped = sorted(str(r["meta"]["shadow_skipped"]) for r in records(redis_client))
+    assert skipped == ["None", "None", "full", "full", "full"]
+
+
+async def test_skip_reasons_are_counted(upstreams, proxies) -> None:
+    """Unsampled, unmirrored routes and methods, and oversized bodies are each counted by reason."""
+    incumbent = await upstreams(echo)
+    candidate = await upstreams(echo)
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": candidate.url},
+        record={"enabled": False},
+        shadow={"routes": ["/v1/*"], "max_body_bytes": 10},
+    )
+    async with aiohttp.ClientSession() as client:
+        base = f"http://127.0.0.1:{proxy.port}"
+        for method, path, body in [("POST", "/other", b"{}"), ("GET", "/v1/x", b""), ("POST", "/v1/x", b"x" * 11)]:
+            async with client.request(method, base + path, data=body) as resp:
+                assert resp.status == 200
+    metrics = proxy.runtime.metrics
+    assert metrics.value("shadow_proxy_mirrors_skipped_total", reason="route_not_mirrored") == 2
+    assert metrics.value("shadow_proxy_mirrors_skipped_total", reason="body_too_large") == 1
+    assert candidate.requests == []
+
+
+async def test_sample_rate_zero_mirrors_nothing(upstreams, proxies) -> None:
+    """With sample_rate 0 every eligible request is counted as not_sampled."""
+    incumbent = await upstreams(echo)
+    candidate = await upstreams(echo)
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": candidate.url},
+        shadow={"sample_rate": 0.0},
+        record={"enabled": False},
+    )
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):
+            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}"):
+                pass
+    assert proxy.runtime.metrics.value("shadow_proxy_mirrors_skipped_total", reason="not_sampled") == 3
+    assert candidate.requests == []
+
+
+async def test_client_disconnect_cancels_incumbent_but_not_mirror(upstreams, proxies, redis_url, redis_client) -> None:
+    """A client leaving mid-stream stops the incumbent request; the mirror runs on and both are recorded."""
+    incumbent_gone = asyncio.Event()
+    release_candidate = asyncio.Event()
+
+    async def slow_stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: one\n\n")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            incumbent_gone.set()
+            raise
+        return resp
+
+    async def candidate_stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: c1\n\n")
+        await release_candidate.wait()
+        await resp.write(b"data: c2\n\ndata: [DONE]\n\n")
+        return resp
+
+    incumbent = await upstreams(slow_stream)
+    candidate = await upstreams(candidate_stream)
+    proxy = await proxies(
+        incumbent={"url": incumbent.url}, candidate={"url": candidate.url}, record={"redis_url": redis_url}
+    )
+    async with aiohttp.ClientSession() as client:
+        resp = await client.post(f"http://127.0.0.1:{proxy.port}/v1/chat/completions", data=b"{}")
+        assert await resp.content.readuntil(b"\n\n") == b"data: one\n\n"
+        resp.close()
+    metrics = proxy.runtime.metrics
+    await eventually(lambda: metrics.value("shadow_proxy_client_disconnects_total") == 1)
+    await eventually(incumbent_gone.is_set)
+    assert metrics.value("shadow_proxy_records_written_total") == 0
+    release_candidate.set()
+    await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 1)
+    (record,) = records(redis_client)
+    assert record["meta"]["client_disconnected"] is True
+    assert record["meta"]["arms"]["live"]["error"] == "client_disconnected"
+    assert record["meta"]["arms"]["shadow"]["error"] is None
+    assert record["body.shadow"] == b"data: c1\n\ndata: c2\n\ndata: [DONE]\n\n"
