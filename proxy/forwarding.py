@@ -156,19 +156,22 @@ class Forwarder:
                 response.headers.add(name, value)
             response.headers["Via"] = append_via(upstream_response.headers.items(), self.via)
             response.headers[self.request_id_header] = exchange.request_id
-            await response.prepare(request)
+            try:
+                await response.prepare(request)
+            except ConnectionError:
+                self._client_gone(exchange, live)
+                return response
             await self._stream(request, exchange, upstream_response, response)
             return response
         except asyncio.CancelledError:
-            # aiohttp cancels the handler when the client disconnects: stop the incumbent too.
-            exchange.client_disconnected = True
-            live.finish(now(), "client_disconnected")
-            self.metrics.client_disconnects.inc()
-            log.info("client_disconnected", phase="waiting" if live.first_byte is None else "streaming")
+            # aiohttp cancels the handler when the client disconnects: the incumbent request is
+            # released unfinished below, which closes its connection.
+            self._client_gone(exchange, live)
             raise
         finally:
             if upstream_response is not None:
-                upstream_response.close()
+                # Back to the pool when read to the end; aiohttp closes the connection otherwise.
+                upstream_response.release()
             self._account(exchange, live)
 
     async def _stream(
@@ -198,12 +201,16 @@ class Forwarder:
             try:
                 await response.write(chunk)
             except ConnectionError:
-                exchange.client_disconnected = True
-                live.finish(now(), "client_disconnected")
-                self.metrics.client_disconnects.inc()
+                self._client_gone(exchange, live)
                 return
         await response.write_eof()
         live.finish(now())
+
+    def _client_gone(self, exchange: Exchange, live: ArmCapture) -> None:
+        exchange.client_disconnected = True
+        live.finish(now(), "client_disconnected")
+        self.metrics.client_disconnects.inc()
+        log.info("client_disconnected", phase="waiting" if live.first_byte is None else "streaming")
 
     def _failed(self, exchange: Exchange, failure: Failure) -> web.Response:
         assert exchange.live is not None

@@ -42,7 +42,8 @@ class Runtime:
             recorder = Recorder(store, config.record, metrics)
         shadow = None
         if candidate is not None:
-            shadow = ShadowDispatcher(candidate, config.shadow, metrics, capture_cap=config.record.max_body_bytes)
+            cap = config.record.max_body_bytes if config.record.enabled else 0
+            shadow = ShadowDispatcher(candidate, config.shadow, metrics, capture_cap=cap)
         routes = RouteTable.compile(config.shadow.routes)
         forwarder = Forwarder(
             incumbent=incumbent,
@@ -60,6 +61,7 @@ class Runtime:
             request_id_header=config.proxy.request_id_header,
             via=config.proxy.via,
             max_body_bytes=config.limits.max_body_bytes,
-            record_cap=config.record.max_body_bytes,
+            # Nothing is captured when nothing is recorded.
+            record_cap=config.record.max_body_bytes if config.record.enabled else 0,
         )
         return cls(config, metrics, incumbent, candidate, store, recorder, shadow, forwarder)

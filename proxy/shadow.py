@@ -70,7 +70,7 @@ class ShadowDispatcher:
             arm.finish(now(), failure.error)
             self._metrics.mirrors_failed.labels(failure.error).inc()
             self._metrics.upstream_errors.labels(self.upstream.name, arm.role, failure.error).inc()
-            log.debug("mirror_failed", error=failure.error, detail=failure.detail)
+            log.info("mirror_failed", error=failure.error, detail=failure.detail)
         except asyncio.CancelledError:
             arm.finish(now(), "cancelled_at_shutdown")
             self._metrics.mirrors_failed.labels("cancelled_at_shutdown").inc()

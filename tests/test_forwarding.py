@@ -332,3 +332,20 @@ async def test_incumbent_failing_mid_stream_cuts_the_client_connection(upstreams
         )
         == 1
     )
+
+
+async def test_keep_alive_connections_to_the_incumbent_are_reused(upstreams, proxies) -> None:
+    """Sequential requests through the proxy reuse one pooled connection to the incumbent."""
+    peers: set[object] = set()
+
+    async def handler(request: web.Request) -> web.Response:
+        peers.add(request.transport.get_extra_info("peername") if request.transport else None)
+        return web.Response(text="ok")
+
+    incumbent = await upstreams(handler)
+    proxy = await proxies(incumbent={"url": incumbent.url}, record={"enabled": False})
+    async with aiohttp.ClientSession() as client:
+        for _ in range(10):
+            async with client.get(f"http://127.0.0.1:{proxy.port}/x") as resp:
+                await resp.read()
+    assert len(peers) == 1

@@ -190,3 +190,30 @@ async def test_client_disconnect_cancels_incumbent_but_not_mirror(upstreams, pro
     assert record["meta"]["arms"]["live"]["error"] == "client_disconnected"
     assert record["meta"]["arms"]["shadow"]["error"] is None
     assert record["body.shadow"] == b"data: c1\n\ndata: c2\n\ndata: [DONE]\n\n"
+
+
+async def test_shutdown_cancels_mirrors_past_the_drain_deadline_and_records_them(
+    upstreams, proxies, redis_url, redis_client
+) -> None:
+    """A mirror still hanging at shutdown is cancelled after shadow.drain_timeout and recorded as such."""
+    release = asyncio.Event()
+    arrived: list[str] = []
+    incumbent = await upstreams(echo)
+    candidate = await upstreams(_hanging(release, arrived))
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": candidate.url},
+        shadow={"drain_timeout": 0.1},
+        record={"redis_url": redis_url},
+    )
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
+            assert resp.status == 200
+    await eventually(lambda: len(arrived) == 1)
+    await proxy.stop()
+    release.set()
+    metrics = proxy.runtime.metrics
+    assert metrics.value("shadow_proxy_mirrors_failed_total", error="cancelled_at_shutdown") == 1
+    assert metrics.value("shadow_proxy_records_written_total") == 1
+    (record,) = records(redis_client)
+    assert record["meta"]["arms"]["shadow"]["error"] == "cancelled_at_shutdown"
