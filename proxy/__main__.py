@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -13,9 +14,10 @@ from typing import Any
 
 import orjson
 import uvloop
+from redis.exceptions import RedisError
 
 from . import __version__, logs
-from .config import Config, ConfigError, load_config, masked, require_incumbent, split_listen
+from .config import Config, ConfigError, load_config, masked, parse_duration, require_incumbent, split_listen
 from .embedded_redis import EmbeddedRedis, EmbeddedRedisError, default_data_dir, free_port
 from .server import serve_until_signal, worker_main
 
@@ -44,6 +46,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", metavar="N", type=int, help="processes sharing the port (proxy.workers)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="proxy.log_level")
 
+    compare = commands.add_parser(
+        "compare",
+        help="run a comparator worker",
+        description="Run a comparator worker in the consumer group over the records stream.",
+    )
+    compare.add_argument("--config", metavar="FILE", help="TOML config file")
+    compare.add_argument("--redis-url", metavar="URL", help="Redis holding the records (record.redis_url)")
+    compare.add_argument("--burst", action="store_true", help="process what is in the stream, then exit")
+    compare.add_argument("--consumer", metavar="NAME", help="consumer name in the group (compare.consumer)")
+
+    report = commands.add_parser(
+        "report",
+        help="print the current summary and verdict",
+        description="Print latency, errors, cost, divergence against noise, verdicts and drift.",
+    )
+    report.add_argument("--config", metavar="FILE", help="TOML config file")
+    report.add_argument("--redis-url", metavar="URL", help="Redis holding the aggregates (record.redis_url)")
+    report.add_argument("--json", action="store_true", help="print the complete report as JSON")
+    report.add_argument("--since", metavar="DURATION", help="range to report, e.g. 15m, 2h, 7d (compare.report_since)")
+    report.add_argument("--route", help="only segments of this route (a shadow.routes glob)")
+    report.add_argument("--model", help="only segments of this request model")
+
     check = commands.add_parser(
         "check-config",
         help="validate a config file and print it resolved",
@@ -55,13 +79,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     flags = {
-        ("proxy", "listen"): args.listen,
-        ("admin", "listen"): args.admin_listen,
-        ("incumbent", "url"): args.incumbent,
-        ("candidate", "url"): args.candidate,
-        ("record", "redis_url"): args.redis_url,
-        ("proxy", "workers"): args.workers,
-        ("proxy", "log_level"): args.log_level,
+        ("proxy", "listen"): getattr(args, "listen", None),
+        ("admin", "listen"): getattr(args, "admin_listen", None),
+        ("incumbent", "url"): getattr(args, "incumbent", None),
+        ("candidate", "url"): getattr(args, "candidate", None),
+        ("record", "redis_url"): getattr(args, "redis_url", None),
+        ("proxy", "workers"): getattr(args, "workers", None),
+        ("proxy", "log_level"): getattr(args, "log_level", None),
+        ("compare", "consumer"): getattr(args, "consumer", None),
     }
     overrides: dict[str, dict[str, Any]] = {}
     for (section, key), value in flags.items():
@@ -127,6 +152,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
             embedded.stop()
 
 
+def _redis_for_reading(config: Config) -> str:
+    """The configured Redis, else the embedded one a running `serve` advertises."""
+    if config.record.redis_url:
+        return config.record.redis_url
+    data_dir = Path(config.record.embedded_dir) if config.record.embedded_dir else default_data_dir()
+    url_file = data_dir / "redis.url"
+    if url_file.exists():
+        return url_file.read_text().strip()
+    raise ConfigError(
+        f"missing config key record.redis_url and no embedded Redis is running ({url_file} not found): "
+        "pass --redis-url URL or start `shadow-proxy serve` first"
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .comparator.worker import Worker
+
+    config = load_config(args.config, overrides=_overrides(args))
+    logs.configure(config.proxy.log_level, config.proxy.log_format)
+    worker = Worker(config, _redis_for_reading(config))
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        try:
+            await worker.run(burst=args.burst)
+        finally:
+            await worker.store.close()
+
+    uvloop.run(run())
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .comparator.render import render
+    from .comparator.service import load_report
+
+    config = load_config(args.config, overrides=_overrides(args))
+    since = parse_duration(args.since or config.compare.report_since)
+    filters = {k: v for k, v in (("route", args.route), ("model", args.model)) if v}
+    report = uvloop.run(load_report(config, _redis_for_reading(config), since_seconds=since, segment_filter=filters))
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        render(report, Console())
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     sys.stdout.buffer.write(orjson.dumps(masked(config), option=orjson.OPT_INDENT_2) + b"\n")
@@ -135,13 +211,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "check-config": cmd_check_config}
+    handlers = {"serve": cmd_serve, "compare": cmd_compare, "report": cmd_report, "check-config": cmd_check_config}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
         print(f"shadow-proxy: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (EmbeddedRedisError, OSError) as exc:
+    except ValueError as exc:
+        print(f"shadow-proxy: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (EmbeddedRedisError, OSError, RedisError) as exc:
         print(f"shadow-proxy: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:

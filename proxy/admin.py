@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
+from redis.exceptions import RedisError
 
+from .comparator.service import report_from
+from .comparator.store import AggregateReader
+from .config import parse_duration
 from .runtime import Runtime
+from .store import Keys
 
 RUNTIME = web.AppKey("runtime", Runtime)
+
+
+@dataclass(slots=True)
+class ReportSource:
+    """The aggregate reader of the admin listener (None when recording is off)."""
+
+    reader: AggregateReader | None
+
+
+READER = web.AppKey("reader", ReportSource)
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -56,10 +73,44 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+async def report(request: web.Request) -> web.Response:
+    """The comparator's report as JSON (``?since=15m&route=...&model=...``), as `shadow-proxy report --json`."""
+    runtime = request.app[RUNTIME]
+    reader = request.app[READER].reader
+    if reader is None:
+        return _json({"error": {"message": "recording is disabled: no report", "type": "not_available"}}, 404)
+    try:
+        since = parse_duration(request.query.get("since", runtime.config.compare.report_since))
+    except ValueError as exc:
+        return _json({"error": {"message": str(exc), "type": "bad_request"}}, 400)
+    filters = {key: request.query[key] for key in ("route", "model") if key in request.query}
+    try:
+        body = await report_from(reader, runtime.config, since_seconds=since, segment_filter=filters)
+    except (RedisError, OSError) as exc:
+        return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
+    return _json(body)
+
+
+async def _reader_ctx(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    record = runtime.config.record
+    reader = None
+    if record.enabled and record.redis_url:
+        reader = AggregateReader(
+            record.redis_url, Keys(record.namespace, record.stream), socket_timeout=record.socket_timeout
+        )
+    app[READER] = ReportSource(reader)
+    yield
+    if reader is not None:
+        await reader.close()
+
+
 def admin_app(runtime: Runtime) -> web.Application:
     app = web.Application()
     app[RUNTIME] = runtime
+    app.cleanup_ctx.append(_reader_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/report", report)
     return app

@@ -80,6 +80,11 @@ class AdminConfig(_Section):
     health_check_timeout: PositiveSeconds = 1.0
 
 
+class PriceConfig(_Section):
+    input_per_1k: float = Field(default=0.0, ge=0.0)
+    output_per_1k: float = Field(default=0.0, ge=0.0)
+
+
 class UpstreamConfig(_Section):
     url: str = ""
     connect_timeout: PositiveSeconds = 5.0
@@ -87,6 +92,7 @@ class UpstreamConfig(_Section):
     total_timeout: Seconds = 0.0
     pool_size: int = Field(default=512, ge=1)
     health_path: str = ""
+    price: PriceConfig = PriceConfig()
 
     @field_validator("url")
     @classmethod
@@ -146,6 +152,40 @@ class RecordConfig(_Section):
         return value
 
 
+class GatesConfig(_Section):
+    min_pairs: int = Field(default=100, ge=1)
+    latency_p50_increase_pct: float = Field(default=10.0, ge=0.0)
+    latency_p99_increase_pct: float = Field(default=25.0, ge=0.0)
+    latency_min_effect_ms: float = Field(default=1.0, ge=0.0)
+    error_rate_increase_pp: float = Field(default=1.0, ge=0.0)
+    divergence_excess_pp: float = Field(default=5.0, ge=0.0)
+    cost_ratio_max: float = Field(default=1.10, gt=0.0)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    fdr: float = Field(default=0.05, gt=0.0, lt=1.0)
+
+
+class CompareConfig(_Section):
+    group: str = "comparators"
+    consumer: str = ""
+    batch_size: int = Field(default=256, ge=1, le=10_000)
+    block_ms: int = Field(default=2000, ge=0)
+    claim_idle_ms: int = Field(default=30_000, ge=100)
+    window_seconds: int = Field(default=60, ge=1)
+    window_ttl: int = Field(default=7 * 86400, ge=60)
+    dedup_ttl: int = Field(default=900, ge=10)
+    reservoir_per_window: int = Field(default=1000, ge=10)
+    examples_per_window: int = Field(default=10, ge=0)
+    dead_letter_maxlen: int = Field(default=10_000, ge=1)
+    health_ttl: int = Field(default=30, ge=1)
+    noise_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    ignore_paths: tuple[str, ...] = ("id", "created", "system_fingerprint", "usage", "model")
+    abs_tolerance: float = Field(default=1e-6, ge=0.0)
+    rel_tolerance: float = Field(default=1e-3, ge=0.0)
+    report_since: str = Field(default="1h", pattern=r"^\d+[smhd]$")
+    drift_threshold_pct: float = Field(default=20.0, ge=0.0)
+    gates: GatesConfig = GatesConfig()
+
+
 class LimitsConfig(_Section):
     max_body_bytes: ByteSize = 10 * 1024**2
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
@@ -159,6 +199,7 @@ class Config(_Section):
     candidate: CandidateConfig = CandidateConfig()
     shadow: ShadowConfig = ShadowConfig()
     record: RecordConfig = RecordConfig()
+    compare: CompareConfig = CompareConfig()
     limits: LimitsConfig = LimitsConfig()
 
 
@@ -169,8 +210,21 @@ SECTIONS: dict[str, type[_Section]] = {
     "candidate": CandidateConfig,
     "shadow": ShadowConfig,
     "record": RecordConfig,
+    "compare": CompareConfig,
     "limits": LimitsConfig,
 }
+
+# Nested tables, for naming them in error messages.
+_NESTED: dict[str, type[_Section]] = {"price": PriceConfig, "gates": GatesConfig}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90s", "15m", "2h", "7d"."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if match is None:
+        raise ValueError(f"expected a duration such as 90s, 15m, 2h or 7d, got {text!r}")
+    return int(match.group(1)) * units[match.group(2)]
 
 
 def _env_value(raw: str) -> Any:
@@ -210,10 +264,10 @@ def _describe(error: Any, sources: str) -> str:
     """Turn the first pydantic error into one line: key, bad value, what is expected, where to fix it."""
     loc = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
-        section = str(error["loc"][0]) if len(error["loc"]) > 1 else ""
-        model = SECTIONS.get(section)
+        table = ".".join(str(p) for p in error["loc"][:-1])
+        model = SECTIONS.get(table) or _NESTED.get(str(error["loc"][-2])) if len(error["loc"]) > 1 else None
         known = ", ".join(model.model_fields) if model else ", ".join(SECTIONS)
-        where = f"[{section}]" if model else "the top level"
+        where = f"[{table}]" if model else "the top level"
         return f"unknown config key {loc}: remove it or use one of {where}: {known}"
     shown = MASK if error["loc"][-1] in SECRET_KEYS else repr(error.get("input"))
     message = str(error["msg"]).removeprefix("Value error, ")

@@ -144,6 +144,7 @@ class Exchange:
     body: bytes = b""
     live: ArmCapture | None = None
     shadow: ArmCapture | None = None
+    noise: ArmCapture | None = None
     shadow_skipped: str | None = None
     client_disconnected: bool = False
     response_status: int | None = None
@@ -163,7 +164,7 @@ class Exchange:
     def size_hint(self) -> int:
         """Approximate bytes this exchange holds, for the recorder's byte bound."""
         size = len(self.body) + 512
-        for arm in (self.live, self.shadow):
+        for arm in (self.live, self.shadow, self.noise):
             if arm is not None:
                 size += arm.captured + 256
         return size
@@ -197,7 +198,7 @@ class Exchange:
             "body.request": redact.body(self.body[:cap], len(self.body) > cap),
         }
         arms: dict[str, Any] = {}
-        for key, arm in (("live", self.live), ("shadow", self.shadow)):
+        for key, arm in (("live", self.live), ("shadow", self.shadow), ("noise", self.noise)):
             if arm is None:
                 continue
             summary = arm.summary(self.received)

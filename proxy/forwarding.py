@@ -21,7 +21,7 @@ from .exchange import ArmCapture, Exchange, now
 from .headers import append_via, end_to_end, request_headers
 from .metrics import Metrics
 from .recorder import Recorder
-from .routing import MirrorPolicy, RouteTable
+from .routing import MirrorPolicy, RouteTable, sampled
 from .shadow import ShadowDispatcher
 from .upstream import Failure, Upstream, classify
 
@@ -36,6 +36,8 @@ class Forwarder:
 
     incumbent: Upstream
     shadow: ShadowDispatcher | None
+    noise: ShadowDispatcher | None
+    noise_sample_rate: float
     recorder: Recorder | None
     metrics: Metrics
     policy: MirrorPolicy
@@ -132,11 +134,16 @@ class Forwarder:
             request_id=exchange.request_id,
             body_size=len(exchange.body),
         )
-        if reason is not None or self.shadow is None:
-            exchange.shadow_skipped = reason or "no_candidate"
-            self.metrics.mirrors_skipped.labels(exchange.shadow_skipped).inc()
-            return
-        self.shadow.dispatch(exchange, raw_target, headers)
+        if reason is None and self.shadow is not None:
+            exchange.shadow = self.shadow.dispatch(exchange, raw_target, headers)
+            reason = None if exchange.shadow is not None else "full"
+        elif reason is not None:
+            self.metrics.mirrors_skipped.labels("candidate", reason).inc()
+        exchange.shadow_skipped = reason
+        # The A/A copy measures the incumbent's own run-to-run noise, on the same eligible requests.
+        if self.noise is not None and reason in (None, "no_candidate", "not_sampled", "full"):
+            if sampled("noise:" + exchange.request_id, self.noise_sample_rate):
+                exchange.noise = self.noise.dispatch(exchange, raw_target, headers)
 
     async def _relay(
         self, request: web.Request, exchange: Exchange, raw_target: str, headers: list[tuple[str, str]]

@@ -46,20 +46,27 @@ class Metrics:
             "Clients that went away before their response was complete.",
             registry=r,
         )
-        self.mirrors_sent = Counter("shadow_proxy_mirrors_sent", "Mirrored requests started.", registry=r)
+        self.mirrors_sent = Counter(
+            "shadow_proxy_mirrors_sent",
+            "Mirrored requests started, by target (candidate, incumbent_noise).",
+            ["target"],
+            registry=r,
+        )
         self.mirrors_skipped = Counter(
             "shadow_proxy_mirrors_skipped",
-            "Requests not mirrored, by reason.",
-            ["reason"],
+            "Requests not mirrored, by target (candidate, incumbent_noise) and reason.",
+            ["target", "reason"],
             registry=r,
         )
         self.mirrors_failed = Counter(
             "shadow_proxy_mirrors_failed",
-            "Mirrors that ended in an error, by error class.",
-            ["error"],
+            "Mirrors that ended in an error, by target and error class.",
+            ["target", "error"],
             registry=r,
         )
-        self.mirrors_in_flight = Gauge("shadow_proxy_mirrors_in_flight", "Mirrors running now.", registry=r)
+        self.mirrors_in_flight = Gauge(
+            "shadow_proxy_mirrors_in_flight", "Mirrors running now, by target.", ["target"], registry=r
+        )
         self.records_queued = Counter(
             "shadow_proxy_records_queued", "Records accepted into the write queue.", registry=r
         )

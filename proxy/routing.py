@@ -54,12 +54,12 @@ class MirrorPolicy:
 
     def skip_reason(self, *, method: str, route: str | None, request_id: str, body_size: int) -> str | None:
         """None when the request should be mirrored, else the reason it is not (a metric label)."""
-        if not self.enabled:
-            return "no_candidate"
         if route is None or method not in self.methods:
             return "route_not_mirrored"
-        if not sampled(request_id, self.sample_rate):
-            return "not_sampled"
         if body_size > self.max_body_bytes:
             return "body_too_large"
+        if not self.enabled:
+            return "no_candidate"
+        if not sampled(request_id, self.sample_rate):
+            return "not_sampled"
         return None

@@ -25,6 +25,7 @@ class Runtime:
     store: RecordStore | None
     recorder: Recorder | None
     shadow: ShadowDispatcher | None
+    noise: ShadowDispatcher | None
     forwarder: Forwarder
     shutting_down: bool = False
 
@@ -40,14 +41,22 @@ class Runtime:
                 config.record.redis_url, keys, maxlen=config.record.maxlen, socket_timeout=config.record.socket_timeout
             )
             recorder = Recorder(store, config.record, metrics)
-        shadow = None
+        shadow = noise = None
+        cap = config.record.max_body_bytes if config.record.enabled else 0
         if candidate is not None:
-            cap = config.record.max_body_bytes if config.record.enabled else 0
             shadow = ShadowDispatcher(candidate, config.shadow, metrics, capture_cap=cap)
+        if config.compare.noise_sample_rate > 0 and config.record.enabled:
+            # A second client of the incumbent, so A/A copies never take live connections.
+            noise_upstream = Upstream("incumbent", config.incumbent)
+            noise = ShadowDispatcher(
+                noise_upstream, config.shadow, metrics, capture_cap=cap, target="incumbent_noise", role="noise"
+            )
         routes = RouteTable.compile(config.shadow.routes)
         forwarder = Forwarder(
             incumbent=incumbent,
             shadow=shadow,
+            noise=noise,
+            noise_sample_rate=config.compare.noise_sample_rate,
             recorder=recorder,
             metrics=metrics,
             policy=MirrorPolicy(
@@ -64,4 +73,4 @@ class Runtime:
             # Nothing is captured when nothing is recorded.
             record_cap=config.record.max_body_bytes if config.record.enabled else 0,
         )
-        return cls(config, metrics, incumbent, candidate, store, recorder, shadow, forwarder)
+        return cls(config, metrics, incumbent, candidate, store, recorder, shadow, noise, forwarder)

@@ -32,7 +32,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
-    upstreams = [u for u in (runtime.incumbent, runtime.candidate) if u is not None]
+    noise = runtime.noise.upstream if runtime.noise is not None else None
+    upstreams = [u for u in (runtime.incumbent, runtime.candidate, noise) if u is not None]
     for upstream in upstreams:
         await upstream.start()
     yield
@@ -52,8 +53,9 @@ async def _recorder_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _shadow_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     yield
-    if runtime.shadow is not None:
-        await runtime.shadow.drain(runtime.config.shadow.drain_timeout)
+    for dispatcher in (runtime.shadow, runtime.noise):
+        if dispatcher is not None:
+            await dispatcher.drain(runtime.config.shadow.drain_timeout)
 
 
 def main_app(runtime: Runtime) -> web.Application:

@@ -23,8 +23,19 @@ log = structlog.get_logger("shadow_proxy.shadow")
 class ShadowDispatcher:
     """Runs mirrors to one upstream, at most ``max_in_flight`` at a time."""
 
-    def __init__(self, upstream: Upstream, config: ShadowConfig, metrics: Metrics, *, capture_cap: int) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        config: ShadowConfig,
+        metrics: Metrics,
+        *,
+        capture_cap: int,
+        target: str = "candidate",
+        role: str = "shadow",
+    ) -> None:
         self.upstream = upstream
+        self.target = target
+        self.role = role
         self._config = config
         self._metrics = metrics
         self._cap = capture_cap
@@ -34,24 +45,20 @@ class ShadowDispatcher:
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    def dispatch(
-        self, exchange: Exchange, raw_path_qs: str, headers: list[tuple[str, str]], role: str = "shadow"
-    ) -> bool:
-        """Start a mirror of the exchange's request; False (and counted) when the set is full."""
+    def dispatch(self, exchange: Exchange, raw_path_qs: str, headers: list[tuple[str, str]]) -> ArmCapture | None:
+        """Start a mirror of the exchange's request; None (and counted) when the set is full."""
         if len(self._tasks) >= self._config.max_in_flight:
-            exchange.shadow_skipped = "full"
-            self._metrics.mirrors_skipped.labels("full").inc()
-            return False
-        arm = ArmCapture(self.upstream.name, role, self._cap, start=now())
-        exchange.shadow = arm
+            self._metrics.mirrors_skipped.labels(self.target, "full").inc()
+            return None
+        arm = ArmCapture(self.upstream.name, self.role, self._cap, start=now())
         exchange.expect_arm()
         headers = [*headers, (self._config.marker_header, self._config.marker_value)]
         task = asyncio.create_task(self._mirror(exchange, arm, raw_path_qs, headers))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        self._metrics.mirrors_sent.inc()
-        self._metrics.mirrors_in_flight.set(len(self._tasks))
-        return True
+        self._metrics.mirrors_sent.labels(self.target).inc()
+        self._metrics.mirrors_in_flight.labels(self.target).set(len(self._tasks))
+        return arm
 
     async def _mirror(
         self, exchange: Exchange, arm: ArmCapture, raw_path_qs: str, headers: list[tuple[str, str]]
@@ -68,17 +75,17 @@ class ShadowDispatcher:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             failure = classify(exc)
             arm.finish(now(), failure.error)
-            self._metrics.mirrors_failed.labels(failure.error).inc()
+            self._metrics.mirrors_failed.labels(self.target, failure.error).inc()
             self._metrics.upstream_errors.labels(self.upstream.name, arm.role, failure.error).inc()
             log.info("mirror_failed", error=failure.error, detail=failure.detail)
         except asyncio.CancelledError:
             arm.finish(now(), "cancelled_at_shutdown")
-            self._metrics.mirrors_failed.labels("cancelled_at_shutdown").inc()
+            self._metrics.mirrors_failed.labels(self.target, "cancelled_at_shutdown").inc()
             raise
         finally:
             if arm.end is not None and arm.error is None:
                 self._metrics.upstream_latency.labels(self.upstream.name, arm.role).observe(arm.end - arm.start)
-            self._metrics.mirrors_in_flight.set(len(self._tasks) - 1)
+            self._metrics.mirrors_in_flight.labels(self.target).set(len(self._tasks) - 1)
             exchange.arm_done()
 
     async def drain(self, grace: float) -> None:

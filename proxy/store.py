@@ -34,6 +34,40 @@ class Keys:
     def records(self) -> str:
         return f"{self.tag}:{self.records_stream}"
 
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.tag}:dead-letter"
+
+    @property
+    def windows(self) -> str:
+        return f"{self.tag}:windows"
+
+    @property
+    def segments(self) -> str:
+        return f"{self.tag}:segments"
+
+    @property
+    def verdict(self) -> str:
+        return f"{self.tag}:verdict"
+
+    def aggregate(self, window: int, segment: str) -> str:
+        return f"{self.tag}:agg:{window}:{segment}"
+
+    def pairs(self, window: int, segment: str) -> str:
+        return f"{self.tag}:pairs:{window}:{segment}"
+
+    def examples(self, window: int, segment: str) -> str:
+        return f"{self.tag}:ex:{window}:{segment}"
+
+    def example_data(self, window: int, segment: str) -> str:
+        return f"{self.tag}:exdata:{window}:{segment}"
+
+    def seen(self, request_id: str) -> str:
+        return f"{self.tag}:seen:{request_id}"
+
+    def worker(self, consumer: str) -> str:
+        return f"{self.tag}:worker:{consumer}"
+
 
 def connect(url: str, *, socket_timeout: float) -> aioredis.Redis:
     """A client with pinned behaviour: RESP2 replies, bytes, explicit timeouts, no hidden retries.

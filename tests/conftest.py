@@ -12,6 +12,7 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from proxy import logs
 from proxy.config import Config, load_config
 from proxy.embedded_redis import EmbeddedRedis
 from proxy.server import ProxyServer
@@ -140,3 +141,9 @@ def records(client: redis.Redis, key: str = "{shadow}:records") -> list[dict[str
         entry["meta"] = orjson.loads(entry["meta"])
         out.append(entry)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet_logs() -> None:
+    """Tests read counters and records, not logs: keep only warnings (pytest shows them on failure)."""
+    logs.configure("warning", "console")

@@ -75,4 +75,4 @@ async def test_metrics_are_prometheus_text(upstreams, proxies) -> None:
             assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
             assert (await resp.text()).endswith("# EOF\n")
     assert 'shadow_proxy_requests_total{code="200",route="/*",upstream="incumbent"} 1.0' in text
-    assert 'shadow_proxy_mirrors_skipped_total{reason="no_candidate"} 1.0' in text
+    assert 'shadow_proxy_mirrors_skipped_total{reason="route_not_mirrored",target="candidate"} 1.0' in text

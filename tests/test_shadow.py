@@ -76,7 +76,7 @@ async def test_refusing_candidate_is_counted_and_recorded(upstreams, proxies, re
                 assert resp.status == 200
     metrics = proxy.runtime.metrics
     await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 5)
-    assert metrics.value("shadow_proxy_mirrors_failed_total", error="connect_error") == 5
+    assert metrics.value("shadow_proxy_mirrors_failed_total", target="candidate", error="connect_error") == 5
     for record in records(redis_client):
         assert record["meta"]["arms"]["shadow"]["error"] == "connect_error"
         assert record["meta"]["arms"]["live"]["status"] == 200
@@ -98,8 +98,8 @@ async def test_mirror_cap_drops_and_counts(upstreams, proxies, redis_url, redis_
             async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
                 assert resp.status == 200
     metrics = proxy.runtime.metrics
-    assert metrics.value("shadow_proxy_mirrors_sent_total") == 2
-    assert metrics.value("shadow_proxy_mirrors_skipped_total", reason="full") == 3
+    assert metrics.value("shadow_proxy_mirrors_sent_total", target="candidate") == 2
+    assert metrics.value("shadow_proxy_mirrors_skipped_total", target="candidate", reason="full") == 3
     await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 3)
     release.set()
     await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 5)
@@ -123,8 +123,8 @@ async def test_skip_reasons_are_counted(upstreams, proxies) -> None:
             async with client.request(method, base + path, data=body) as resp:
                 assert resp.status == 200
     metrics = proxy.runtime.metrics
-    assert metrics.value("shadow_proxy_mirrors_skipped_total", reason="route_not_mirrored") == 2
-    assert metrics.value("shadow_proxy_mirrors_skipped_total", reason="body_too_large") == 1
+    assert metrics.value("shadow_proxy_mirrors_skipped_total", target="candidate", reason="route_not_mirrored") == 2
+    assert metrics.value("shadow_proxy_mirrors_skipped_total", target="candidate", reason="body_too_large") == 1
     assert candidate.requests == []
 
 
@@ -142,7 +142,9 @@ async def test_sample_rate_zero_mirrors_nothing(upstreams, proxies) -> None:
         for _ in range(3):
             async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}"):
                 pass
-    assert proxy.runtime.metrics.value("shadow_proxy_mirrors_skipped_total", reason="not_sampled") == 3
+    assert (
+        proxy.runtime.metrics.value("shadow_proxy_mirrors_skipped_total", target="candidate", reason="not_sampled") == 3
+    )
     assert candidate.requests == []
 
 
@@ -213,7 +215,7 @@ async def test_shutdown_cancels_mirrors_past_the_drain_deadline_and_records_them
     await proxy.stop()
     release.set()
     metrics = proxy.runtime.metrics
-    assert metrics.value("shadow_proxy_mirrors_failed_total", error="cancelled_at_shutdown") == 1
+    assert metrics.value("shadow_proxy_mirrors_failed_total", target="candidate", error="cancelled_at_shutdown") == 1
     assert metrics.value("shadow_proxy_records_written_total") == 1
     (record,) = records(redis_client)
     assert record["meta"]["arms"]["shadow"]["error"] == "cancelled_at_shutdown"

@@ -1,0 +1,244 @@
+"""Fold pair metrics into mergeable per-window, per-segment aggregates (pure; the store writes them).
+
+An aggregate is a flat map of counters, so merging windows, segments or workers is addition and
+Redis can apply it with ``HINCRBYFLOAT``. Latency distributions are DDSketch buckets (``sk:…:<key>``
+counters keyed by the sketch's logarithmic mapping, 1% relative accuracy): summing bucket counts is
+exactly merging sketches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from ddsketch import DDSketch
+from ddsketch.mapping import LogarithmicMapping
+
+from .metrics import PairMetrics, Price, Tolerance, compare, cost, output_tokens
+from .parse import Arm, Record
+
+RELATIVE_ACCURACY = 0.01
+MAPPING = LogarithmicMapping(RELATIVE_ACCURACY)
+SKETCHED = ("lat", "ttfb", "ttft")
+EXAMPLE_TEXT_CAP = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """The slice of traffic a record belongs to."""
+
+    route: str
+    model: str
+    streaming: bool
+
+    @property
+    def id(self) -> str:
+        return hashlib.blake2b(self.json(), digest_size=6).hexdigest()
+
+    def json(self) -> bytes:
+        return orjson.dumps({"route": self.route, "model": self.model, "streaming": self.streaming})
+
+    def label(self) -> str:
+        return f"{self.route} model={self.model} {'stream' if self.streaming else 'plain'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the aggregation needs from the config."""
+
+    window_seconds: int
+    tolerance: Tolerance
+    incumbent_price: Price
+    candidate_price: Price
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    """What one record adds to its window and segment."""
+
+    request_id: str
+    window: int
+    segment: Segment
+    counters: dict[str, float]
+    pair: list[float] | None  # a reservoir sample of paired values, see PAIR_FIELDS
+    example_score: float | None
+    example: bytes | None
+
+
+PAIR_FIELDS = ("lat_inc", "lat_cand", "ttft_inc", "ttft_cand", "cost_inc", "cost_cand", "err_inc", "err_cand", "div")
+
+
+def sketch_key(value: float) -> str:
+    """The DDSketch bucket of a positive value ('z' holds zeros and negatives)."""
+    return str(MAPPING.key(value)) if value > 0 else "z"
+
+
+def _arms(record: Record) -> tuple[Arm | None, Arm | None, Arm | None]:
+    """(incumbent, candidate, incumbent's A/A noise copy) whatever role each played."""
+    incumbent = candidate = noise = None
+    for arm in record.arms.values():
+        if arm.role == "noise":
+            noise = arm
+        elif arm.upstream == "incumbent":
+            incumbent = arm
+        elif arm.upstream == "candidate":
+            candidate = arm
+    return incumbent, candidate, noise
+
+
+def contribution(record: Record, settings: Settings) -> Contribution:
+    """Counters, reservoir sample and example that one record contributes."""
+    window = int(record.time // settings.window_seconds) * settings.window_seconds
+    segment = Segment(record.route, record.model, record.streaming)
+    counters: dict[str, float] = {"records": 1}
+    incumbent, candidate, noise = _arms(record)
+    pair = example = score = None
+    if incumbent is not None and candidate is not None:
+        metrics = compare(incumbent, candidate, settings.tolerance)
+        _pair_counters(counters, metrics, incumbent, candidate, record, settings)
+        pair = _pair_sample(metrics, incumbent, candidate, record, settings)
+        if metrics.diverged or metrics.outcome_base != metrics.outcome_other:
+            score = round(1.0 - metrics.similarity, 6) + (1.0 if metrics.outcome_base != metrics.outcome_other else 0)
+            example = _example(record, metrics, incumbent, candidate)
+    else:
+        counters["unpaired"] = 1
+    if incumbent is not None and noise is not None:
+        _noise_counters(counters, compare(incumbent, noise, settings.tolerance))
+    return Contribution(record.request_id, window, segment, counters, pair, score, example)
+
+
+def _add_sketch(counters: dict[str, float], name: str, arm: str, value: float | None) -> None:
+    if value is not None:
+        key = f"sk:{name}:{arm}:{sketch_key(value)}"
+        counters[key] = counters.get(key, 0) + 1
+
+
+def _pair_counters(c: dict[str, float], m: PairMetrics, inc: Arm, cand: Arm, record: Record, s: Settings) -> None:
+    c["n"] = 1
+    c[f"out:inc:{m.outcome_base or 'ok'}"] = 1
+    c[f"out:cand:{m.outcome_other or 'ok'}"] = 1
+    if m.outcome_base and m.outcome_other:
+        c["err:both"] = 1
+    elif m.outcome_other:
+        c["err:cand_only"] = 1
+    elif m.outcome_base:
+        c["err:inc_only"] = 1
+    if not m.status_match:
+        c["status_mismatch"] = 1
+    if m.outcome_base is None and m.outcome_other is None:
+        c["div_n"] = 1
+        c["div"] = int(m.diverged)
+        c[f"h:sim:cand:{int(m.similarity * 100)}"] = 1
+        c["sim_sum"] = m.similarity
+        for name, value in (("tsim", m.text_similarity), ("toksim", m.token_similarity), ("cos", m.embedding_cosine)):
+            if value is not None:
+                c[f"{name}_sum"] = value
+                c[f"{name}_n"] = 1
+        for name, flag in (("label", m.label_match), ("tool", m.tool_calls_match)):
+            if flag is not None:
+                c[f"{name}_n"] = 1
+                c[f"{name}_match"] = int(flag)
+        for arm_name, arm, price in (("inc", inc, s.incumbent_price), ("cand", cand, s.candidate_price)):
+            tokens, estimated = output_tokens(arm.output)
+            spent, cost_estimated = cost(arm.output, record.prompt_text, price)
+            c[f"tok_out:{arm_name}"] = tokens
+            c[f"cost:{arm_name}"] = spent
+            c[f"cost_n:{arm_name}"] = 1
+            if estimated or cost_estimated:
+                c[f"tok_est:{arm_name}"] = 1
+    for arm_name, arm in (("inc", inc), ("cand", cand)):
+        if arm.outcome is None:
+            _add_sketch(c, "lat", arm_name, arm.duration_ms)
+            _add_sketch(c, "ttfb", arm_name, arm.ttfb_ms)
+            _add_sketch(c, "ttft", arm_name, arm.ttft_ms)
+
+
+def _noise_counters(c: dict[str, float], m: PairMetrics) -> None:
+    c["aa:n"] = 1
+    if m.outcome_base is None and m.outcome_other is None:
+        c["aa:div_n"] = 1
+        c["aa:div"] = int(m.diverged)
+        c["aa:sim_sum"] = m.similarity
+        c[f"h:sim:aa:{int(m.similarity * 100)}"] = 1
+
+
+def _pair_sample(m: PairMetrics, inc: Arm, cand: Arm, record: Record, s: Settings) -> list[float] | None:
+    if m.outcome_base is not None or m.outcome_other is not None:
+        return [-1, -1, -1, -1, 0, 0, float(m.outcome_base is not None), float(m.outcome_other is not None), 0]
+    if inc.duration_ms is None or cand.duration_ms is None:
+        return None
+    return [
+        inc.duration_ms,
+        cand.duration_ms,
+        inc.ttft_ms if inc.ttft_ms is not None else -1,
+        cand.ttft_ms if cand.ttft_ms is not None else -1,
+        cost(inc.output, record.prompt_text, s.incumbent_price)[0],
+        cost(cand.output, record.prompt_text, s.candidate_price)[0],
+        0.0,
+        0.0,
+        float(m.diverged),
+    ]
+
+
+def _shown(arm: Arm) -> Any:
+    output = arm.output
+    if output.text is not None:
+        return output.text[:EXAMPLE_TEXT_CAP]
+    if output.document is not None:
+        return orjson.dumps(output.document)[:EXAMPLE_TEXT_CAP].decode(errors="replace")
+    return None
+
+
+def _example(record: Record, m: PairMetrics, inc: Arm, cand: Arm) -> bytes:
+    return orjson.dumps(
+        {
+            "request_id": record.request_id,
+            "time": record.time,
+            "route": record.route,
+            "model": record.model,
+            "incumbent": {"status": inc.status, "outcome": m.outcome_base, "output": _shown(inc)},
+            "candidate": {"status": cand.status, "outcome": m.outcome_other, "output": _shown(cand)},
+            "metrics": {
+                "similarity": round(m.similarity, 4),
+                "text_similarity": m.text_similarity,
+                "token_similarity": m.token_similarity,
+                "field_diffs": list(m.field_diffs),
+                "latency_delta_ms": m.latency_delta_ms,
+            },
+        }
+    )
+
+
+def merge(maps: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Sum counter maps (windows, segments, workers): the aggregate of their union."""
+    total: dict[str, float] = {}
+    for counters in maps:
+        for key, value in counters.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def sketch(counters: Mapping[str, float], name: str, arm: str) -> DDSketch:
+    """Rebuild the DDSketch of one metric and arm from its bucket counters."""
+    result = DDSketch(RELATIVE_ACCURACY)
+    prefix = f"sk:{name}:{arm}:"
+    for key, count in counters.items():
+        if key.startswith(prefix) and count > 0:
+            bucket = key[len(prefix) :]
+            result.add(0.0 if bucket == "z" else MAPPING.value(int(bucket)), count)
+    return result
+
+
+def quantiles(
+    counters: Mapping[str, float], name: str, arm: str, qs: Iterable[float] = (0.5, 0.95, 0.99)
+) -> dict[str, Any]:
+    """p50/p95/p99 (and count) of a sketched metric, in ms; None where there are no values."""
+    built = sketch(counters, name, arm)
+    out: dict[str, Any] = {"n": int(built.count)}
+    for q in qs:
+        value = built.get_quantile_value(q) if built.count else None
+        out[f"p{round(q * 100):d}"] = None if value is None else round(value, 3)
+    return out

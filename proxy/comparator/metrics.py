@@ -1,0 +1,200 @@
+"""Pure pair metrics: how one answer differs from another. No I/O, no state; table-tested."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from rapidfuzz import fuzz
+from rapidfuzz.distance import Levenshtein
+
+from .parse import Arm, Output
+
+_SPACE = re.compile(r"\s+")
+CHARS_PER_TOKEN = 4.0  # the usual rule of thumb for English text when no usage block is given
+
+
+@dataclass(frozen=True, slots=True)
+class Tolerance:
+    """How JSON answers are compared: paths ignored and numeric tolerances."""
+
+    ignore_paths: frozenset[str] = frozenset()
+    abs_tol: float = 1e-6
+    rel_tol: float = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Price per 1,000 input and output tokens."""
+
+    input_per_1k: float = 0.0
+    output_per_1k: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PairMetrics:
+    """Everything measured for one (baseline, other) pair of arms."""
+
+    outcome_base: str | None
+    outcome_other: str | None
+    status_match: bool
+    exact_match: bool
+    field_diffs: tuple[str, ...]
+    text_similarity: float | None
+    token_similarity: float | None
+    embedding_cosine: float | None
+    label_match: bool | None
+    tool_calls_match: bool | None
+    latency_delta_ms: float | None
+    ttfb_delta_ms: float | None
+    ttft_delta_ms: float | None
+    gap_delta_ms: float | None
+    output_tokens_delta: int | None
+
+    @property
+    def diverged(self) -> bool:
+        """Both answered cleanly and the answers differ (errors are counted separately)."""
+        return self.outcome_base is None and self.outcome_other is None and not self.exact_match
+
+    @property
+    def similarity(self) -> float:
+        """One number in [0, 1] for ranking divergent examples: 1 is identical."""
+        for value in (self.embedding_cosine, self.text_similarity):
+            if value is not None:
+                return max(0.0, value)
+        return 1.0 if self.exact_match else 0.0
+
+
+def normalise_text(text: str) -> str:
+    """Text compared for exact match: surrounding whitespace stripped, runs of whitespace collapsed."""
+    return _SPACE.sub(" ", text).strip()
+
+
+def text_similarity(a: str, b: str) -> float:
+    """Character-level similarity in [0, 1] (normalised Indel distance, via rapidfuzz)."""
+    return fuzz.ratio(a, b) / 100.0
+
+
+def token_similarity(a: str, b: str) -> float:
+    """Word-level similarity in [0, 1]: 1 - normalised Levenshtein distance over whitespace tokens."""
+    return float(Levenshtein.normalized_similarity(a.split(), b.split()))
+
+
+def cosine(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Cosine similarity of two vectors; None when their lengths differ or one is zero."""
+    if len(a) != len(b) or not a:
+        return None
+    va, vb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    norm = float(np.linalg.norm(va) * np.linalg.norm(vb))
+    return None if norm == 0.0 else float(np.dot(va, vb) / norm)
+
+
+def numbers_close(a: float, b: float, tol: Tolerance) -> bool:
+    return math.isclose(a, b, rel_tol=tol.rel_tol, abs_tol=tol.abs_tol)
+
+
+def json_diff(a: Any, b: Any, tol: Tolerance, path: str = "") -> Iterator[str]:
+    """Paths (dotted, list indices as numbers) where two JSON values differ beyond tolerance."""
+    if path and (path in tol.ignore_paths or path.rsplit(".", 1)[-1] in tol.ignore_paths):
+        return
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(a.keys() | b.keys()):
+            child = f"{path}.{key}" if path else str(key)
+            if key not in a or key not in b:
+                if not (child in tol.ignore_paths or key in tol.ignore_paths):
+                    yield child
+            else:
+                yield from json_diff(a[key], b[key], tol, child)
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            yield f"{path}.length" if path else "length"
+        for index, (x, y) in enumerate(zip(a, b, strict=False)):
+            yield from json_diff(x, y, tol, f"{path}.{index}" if path else str(index))
+    elif isinstance(a, bool) or isinstance(b, bool):
+        if a is not b:
+            yield path or "$"
+    elif isinstance(a, int | float) and isinstance(b, int | float):
+        if not numbers_close(float(a), float(b), tol):
+            yield path or "$"
+    elif a != b:
+        yield path or "$"
+
+
+def _texts_equal(a: Output, b: Output) -> bool:
+    return normalise_text(a.text or "") == normalise_text(b.text or "")
+
+
+def exact_match(a: Output, b: Output, tol: Tolerance) -> tuple[bool, tuple[str, ...]]:
+    """Whether two outputs are the same answer, and which JSON fields differ."""
+    if a.kind in ("chat", "completion") and b.kind == a.kind:
+        same = _texts_equal(a, b) and a.tool_calls == b.tool_calls
+        return same, () if same else ("text",) if not _texts_equal(a, b) else ("tool_calls",)
+    if a.kind == "embedding" and b.kind == "embedding":
+        same = len(a.embeddings) == len(b.embeddings) and all(
+            len(x) == len(y) and all(numbers_close(p, q, tol) for p, q in zip(x, y, strict=True))
+            for x, y in zip(a.embeddings, b.embeddings, strict=True)
+        )
+        return same, () if same else ("embedding",)
+    if a.document is not None and b.document is not None:
+        diffs = tuple(json_diff(a.document, b.document, tol))[:20]
+        return not diffs, diffs
+    if a.kind == b.kind == "empty":
+        return True, ()
+    same = a.kind == b.kind and _texts_equal(a, b)
+    return same, () if same else ("body",)
+
+
+def estimated_tokens(text: str | None) -> int:
+    """Tokens estimated from text length when the answer carried no usage block."""
+    return int(math.ceil(len(text or "") / CHARS_PER_TOKEN))
+
+
+def output_tokens(output: Output) -> tuple[int, bool]:
+    """Output tokens and whether they were estimated."""
+    if output.completion_tokens is not None:
+        return int(output.completion_tokens), False
+    return estimated_tokens(output.text), True
+
+
+def cost(output: Output, prompt_text: str, price: Price) -> tuple[float, bool]:
+    """Cost of one answer from the price table and its usage block (estimated from text when absent)."""
+    estimated = output.prompt_tokens is None or output.completion_tokens is None
+    prompt = output.prompt_tokens if output.prompt_tokens is not None else estimated_tokens(prompt_text)
+    completion, _ = output_tokens(output)
+    return (prompt * price.input_per_1k + completion * price.output_per_1k) / 1000.0, estimated
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(b - a, 3)
+
+
+def compare(base: Arm, other: Arm, tol: Tolerance) -> PairMetrics:
+    """Every pair metric of ``other`` measured against ``base``."""
+    a, b = base.output, other.output
+    same, diffs = exact_match(a, b, tol)
+    both_text = a.text is not None and b.text is not None and a.kind == b.kind and a.kind != "embedding"
+    vectors = a.embeddings and b.embeddings and len(a.embeddings) == len(b.embeddings)
+    cosines = [cosine(x, y) for x, y in zip(a.embeddings, b.embeddings, strict=True)] if vectors else []
+    return PairMetrics(
+        outcome_base=base.outcome,
+        outcome_other=other.outcome,
+        status_match=base.status == other.status,
+        exact_match=same,
+        field_diffs=diffs,
+        text_similarity=text_similarity(normalise_text(a.text or ""), normalise_text(b.text or ""))
+        if both_text
+        else None,
+        token_similarity=token_similarity(a.text or "", b.text or "") if both_text else None,
+        embedding_cosine=min((c for c in cosines if c is not None), default=None) if cosines else None,
+        label_match=(a.label == b.label) if a.label is not None or b.label is not None else None,
+        tool_calls_match=(a.tool_calls == b.tool_calls) if a.tool_calls or b.tool_calls else None,
+        latency_delta_ms=_delta(base.duration_ms, other.duration_ms),
+        ttfb_delta_ms=_delta(base.ttfb_ms, other.ttfb_ms),
+        ttft_delta_ms=_delta(base.ttft_ms, other.ttft_ms),
+        gap_delta_ms=_delta(base.gap_p50_ms, other.gap_p50_ms),
+        output_tokens_delta=output_tokens(b)[0] - output_tokens(a)[0],
+    )

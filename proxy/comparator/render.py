@@ -1,0 +1,82 @@
+"""The terminal rendering of a report (rich tables); the JSON form is the report itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+_STYLE = {"pass": "green", "fail": "bold red", "inconclusive": "yellow", "skipped": "dim"}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f}%"
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    """Print the summary, latency, errors, cost, divergence, verdicts, drift flags and examples."""
+    s = report["summary"]
+    verdict = report["verdict"]["outcome"]
+    console.print(
+        f"[bold]shadow-proxy report[/bold]: {s['pairs']} pairs ({s['records']} records) in "
+        f"{report['range']['windows']} windows - verdict [{_STYLE[verdict]}]{verdict.upper()}[/]"
+    )
+    latency = Table(title="Latency (ms)")
+    for column in ("metric", "arm", "p50", "p95", "p99", "n"):
+        latency.add_column(column, justify="right" if column not in ("metric", "arm") else "left")
+    for metric, arms in s["latency_ms"].items():
+        for arm, q in arms.items():
+            latency.add_row(metric, arm, _ms(q["p50"]), _ms(q["p95"]), _ms(q["p99"]), str(q["n"]))
+    console.print(latency)
+    e, c, d = s["errors"], s["cost"], s["divergence"]
+    facts = Table(title="Errors, cost, divergence", show_header=False)
+    facts.add_column("what")
+    facts.add_column("incumbent", justify="right")
+    facts.add_column("candidate", justify="right")
+    facts.add_row("error rate", _pct(e["incumbent"]["rate"]), _pct(e["candidate"]["rate"]))
+    facts.add_row("errors by class", str(e["incumbent"]["by_class"] or "-"), str(e["candidate"]["by_class"] or "-"))
+    per_1k = (c["incumbent_per_1k_requests"], c["candidate_per_1k_requests"])
+    facts.add_row("cost per 1k requests", *("-" if v is None else f"${v:.4f}" for v in per_1k))
+    facts.add_row("divergence (A/A noise vs candidate)", _pct(d["noise_rate"]), _pct(d["candidate_rate"]))
+    facts.add_row(
+        "mean similarity",
+        "-" if d["noise_mean_similarity"] is None else f"{d['noise_mean_similarity']:.3f}",
+        "-" if d["mean_similarity"] is None else f"{d['mean_similarity']:.3f}",
+    )
+    console.print(facts)
+    gates = Table(title="Verdicts")
+    for column in ("gate", "outcome", "estimate", "interval", "threshold", "n", "rule"):
+        gates.add_column(column)
+    for g in report["verdict"]["gates"]:
+        interval = "-" if not g["interval"] else f"[{g['interval'][0]:.4g}, {g['interval'][1]:.4g}]"
+        rule = g["rule"] + (f"; need about {g['need_more_pairs']} more pairs" if g["need_more_pairs"] else "")
+        gates.add_row(
+            g["name"],
+            f"[{_STYLE[g['outcome']]}]{g['outcome']}[/]",
+            "-" if g["estimate"] is None else f"{g['estimate']:.4g} {g['unit']}",
+            interval,
+            "-" if g["threshold"] is None else f"{g['threshold']:.4g}",
+            str(g["n"]),
+            rule,
+        )
+    console.print(gates)
+    for segment in report["segments"]:
+        seg = segment["segment"]
+        console.print(
+            f"  segment {seg.get('route')} model={seg.get('model')} stream={seg.get('streaming')}: "
+            f"{segment['summary']['pairs']} pairs, [{_STYLE[segment['verdict']]}]{segment['verdict']}[/]"
+        )
+    for item in report["drift"]:
+        if item["drift"]:
+            console.print(f"  [yellow]drift[/yellow] {item['metric']}: {item['first']} -> {item['last']}")
+    for example in report["examples"][:3]:
+        console.print(
+            f"  example {example['request_id']} similarity={example['metrics']['similarity']}: "
+            f"incumbent={str(example['incumbent']['output'])[:60]!r} "
+            f"candidate={str(example['candidate']['output'])[:60]!r}"
+        )

@@ -1,0 +1,220 @@
+"""The report: summaries, verdicts, drift and examples over a time range (structure in docs/report.md)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from ..config import CompareConfig
+from .aggregate import merge, quantiles
+from .store import WindowData
+from .verdict import Gate, correct_segments, evaluate, overall
+
+REPORT_VERSION = 1
+
+
+def _rate(k: float, n: float) -> float | None:
+    return round(k / n, 6) if n else None
+
+
+def _mean(counters: dict[str, float], name: str) -> float | None:
+    n = counters.get(f"{name}_n", 0)
+    return round(counters.get(f"{name}_sum", 0) / n, 6) if n else None
+
+
+def _errors_by_class(counters: dict[str, float], arm: str) -> dict[str, int]:
+    prefix = f"out:{arm}:"
+    return {k[len(prefix) :]: int(v) for k, v in counters.items() if k.startswith(prefix) and not k.endswith(":ok")}
+
+
+def summary(counters: dict[str, float]) -> dict[str, Any]:
+    """Everything measured for one slice of traffic, from its merged counters."""
+    n = counters.get("n", 0)
+    cost_n = {arm: counters.get(f"cost_n:{arm}", 0) for arm in ("inc", "cand")}
+    per_1k = {
+        arm: round(counters.get(f"cost:{arm}", 0) / cost_n[arm] * 1000, 6) if cost_n[arm] else None
+        for arm in ("inc", "cand")
+    }
+    errors = {arm: _errors_by_class(counters, arm) for arm in ("inc", "cand")}
+    return {
+        "records": int(counters.get("records", 0)),
+        "pairs": int(n),
+        "unpaired": int(counters.get("unpaired", 0)),
+        "latency_ms": {
+            metric: {"incumbent": quantiles(counters, key, "inc"), "candidate": quantiles(counters, key, "cand")}
+            for metric, key in (("total", "lat"), ("ttfb", "ttfb"), ("ttft", "ttft"))
+        },
+        "errors": {
+            "incumbent": {"rate": _rate(sum(errors["inc"].values()), n), "by_class": errors["inc"]},
+            "candidate": {"rate": _rate(sum(errors["cand"].values()), n), "by_class": errors["cand"]},
+            "candidate_only": int(counters.get("err:cand_only", 0)),
+            "incumbent_only": int(counters.get("err:inc_only", 0)),
+            "both": int(counters.get("err:both", 0)),
+            "status_mismatch": int(counters.get("status_mismatch", 0)),
+        },
+        "cost": {
+            "incumbent_per_1k_requests": per_1k["inc"],
+            "candidate_per_1k_requests": per_1k["cand"],
+            "ratio": round(per_1k["cand"] / per_1k["inc"], 4) if per_1k["inc"] and per_1k["cand"] is not None else None,
+            "output_tokens": {
+                "incumbent": int(counters.get("tok_out:inc", 0)),
+                "candidate": int(counters.get("tok_out:cand", 0)),
+            },
+            "estimated_share": _rate(
+                counters.get("tok_est:cand", 0) + counters.get("tok_est:inc", 0), cost_n["inc"] + cost_n["cand"]
+            ),
+        },
+        "divergence": {
+            "pairs_compared": int(counters.get("div_n", 0)),
+            "candidate_rate": _rate(counters.get("div", 0), counters.get("div_n", 0)),
+            "noise_pairs": int(counters.get("aa:div_n", 0)),
+            "noise_rate": _rate(counters.get("aa:div", 0), counters.get("aa:div_n", 0)),
+            "mean_similarity": _rate(counters.get("sim_sum", 0), counters.get("div_n", 0)),
+            "noise_mean_similarity": _rate(counters.get("aa:sim_sum", 0), counters.get("aa:div_n", 0)),
+            "text_similarity_mean": _mean(counters, "tsim"),
+            "token_similarity_mean": _mean(counters, "toksim"),
+            "embedding_cosine_mean": _mean(counters, "cos"),
+            "label_agreement": _rate(counters.get("label_match", 0), counters.get("label_n", 0)),
+            "tool_call_agreement": _rate(counters.get("tool_match", 0), counters.get("tool_n", 0)),
+        },
+    }
+
+
+def _drift(windows: Sequence[WindowData], threshold_pct: float) -> list[dict[str, Any]]:
+    """Each key metric per window, flagged when the last third of the range differs from the first."""
+    by_window: dict[int, list[dict[str, float]]] = defaultdict(list)
+    for data in windows:
+        by_window[data.window].append(data.counters)
+    ordered = sorted(by_window)
+    merged = [merge(by_window[w]) for w in ordered]
+    metrics: list[dict[str, Any]] = []
+    third = max(1, len(ordered) // 3)
+    first, last = merge(merged[:third]), merge(merged[-third:])
+    for arm, label in (("inc", "incumbent"), ("cand", "candidate")):
+        series = [quantiles(c, "lat", arm, (0.5,))["p50"] for c in merged]
+        a, b = quantiles(first, "lat", arm, (0.5,))["p50"], quantiles(last, "lat", arm, (0.5,))["p50"]
+        change = None if not a or b is None else round((b - a) / a * 100, 2)
+        metrics.append(
+            {
+                "metric": f"latency_p50_ms.{label}",
+                "series": series,
+                "first": a,
+                "last": b,
+                "change_pct": change,
+                "drift": len(ordered) >= 3 and change is not None and abs(change) > threshold_pct,
+            }
+        )
+        metrics.append(_rate_drift(f"error_rate.{label}", merged, first, last, f"out:{arm}:", "n", ordered))
+    metrics.append(_rate_drift("divergence_rate.candidate", merged, first, last, "div", "div_n", ordered))
+    for item in metrics:
+        item["windows"] = ordered
+    return metrics
+
+
+def _count(counters: dict[str, float], key: str) -> float:
+    if key.endswith(":"):
+        return sum(v for k, v in counters.items() if k.startswith(key) and not k.endswith(":ok"))
+    return counters.get(key, 0)
+
+
+def _rate_drift(
+    name: str,
+    merged: list[dict[str, float]],
+    first: dict[str, float],
+    last: dict[str, float],
+    key: str,
+    total: str,
+    ordered: list[int],
+) -> dict[str, Any]:
+    series = [_rate(_count(c, key), c.get(total, 0)) for c in merged]
+    k1, n1, k2, n2 = _count(first, key), first.get(total, 0), _count(last, key), last.get(total, 0)
+    p_value = None
+    if n1 and n2 and len(ordered) >= 3:
+        table = np.array([[k1, n1 - k1], [k2, n2 - k2]], dtype=int)
+        p_value = float(stats.fisher_exact(table).pvalue)
+    return {
+        "metric": name,
+        "series": series,
+        "first": _rate(k1, n1),
+        "last": _rate(k2, n2),
+        "fisher_p": p_value,
+        "drift": p_value is not None and p_value < 0.01,
+    }
+
+
+def build(
+    windows: Sequence[WindowData],
+    segments: dict[str, dict[str, Any]],
+    cfg: CompareConfig,
+    *,
+    since: float,
+    until: float,
+    segment_filter: dict[str, str] | None = None,
+    examples: int = 10,
+) -> dict[str, Any]:
+    """The full report for the windows in range (optionally only segments matching the filter)."""
+    if segment_filter:
+        windows = [w for w in windows if _matches(segments.get(w.segment, {}), segment_filter)]
+    by_segment: dict[str, list[WindowData]] = defaultdict(list)
+    for data in windows:
+        by_segment[data.segment].append(data)
+    total = merge(w.counters for w in windows)
+    all_pairs = [p for w in windows for p in w.pairs]
+    gates = evaluate(total, all_pairs, cfg.gates)
+    segment_reports: list[dict[str, Any]] = []
+    segment_gates: list[list[Gate]] = []
+    for segment_id, items in sorted(by_segment.items()):
+        counters = merge(w.counters for w in items)
+        seg_gates = evaluate(counters, [p for w in items for p in w.pairs], cfg.gates)
+        segment_gates.append(seg_gates)
+        segment_reports.append(
+            {
+                "id": segment_id,
+                "segment": segments.get(segment_id, {}),
+                "summary": summary(counters),
+            }
+        )
+    correct_segments(segment_gates, cfg.gates.fdr)
+    ranked = sorted((e for w in windows for e in w.examples), key=_example_rank, reverse=True)[:examples]
+    _attach_examples(gates, ranked)
+    return {
+        "version": REPORT_VERSION,
+        "generated_at": time.time(),
+        "range": {"since": since, "until": until, "windows": len({w.window for w in windows})},
+        "summary": summary(total),
+        "verdict": {"outcome": overall(gates), "gates": [g.as_dict() for g in gates]},
+        "segments": [
+            {**s, "verdict": overall(g), "gates": [gate.as_dict() for gate in g]}
+            for s, g in zip(segment_reports, segment_gates, strict=True)
+        ],
+        "drift": _drift(windows, cfg.drift_threshold_pct),
+        "examples": ranked,
+        "notes": [
+            "Shadow answers never reach users: divergence compares outputs, not user satisfaction.",
+            "Divergence excludes pairs where either arm failed; those count as errors.",
+        ],
+    }
+
+
+def _matches(segment: dict[str, Any], wanted: dict[str, str]) -> bool:
+    return all(str(segment.get(key)).lower() == value.lower() for key, value in wanted.items())
+
+
+def _example_rank(example: dict[str, Any]) -> float:
+    failed = example["incumbent"]["outcome"] != example["candidate"]["outcome"]
+    return (1.0 if failed else 0.0) + 1.0 - float(example["metrics"].get("similarity") or 0.0)
+
+
+def _attach_examples(gates: list[Gate], ranked: list[dict[str, Any]]) -> None:
+    errors = [e["request_id"] for e in ranked if e["incumbent"]["outcome"] != e["candidate"]["outcome"]]
+    divergent = [e["request_id"] for e in ranked if e["incumbent"]["outcome"] == e["candidate"]["outcome"]]
+    for gate in gates:
+        if gate.name == "error_rate":
+            gate.examples = errors[:5]
+        elif gate.name == "divergence":
+            gate.examples = divergent[:5]

@@ -1,0 +1,47 @@
+"""Load a report from Redis: shared by the `report` command and the admin API."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..config import Config
+from ..store import Keys
+from .report import build
+from .store import AggregateReader
+
+
+async def report_from(
+    reader: AggregateReader, config: Config, *, since_seconds: float, segment_filter: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Build the report for the last `since_seconds` and store it as the latest verdict."""
+    until = time.time()
+    since = until - since_seconds
+    # A window is included when it starts inside the range (or is the one in progress at its start).
+    windows = await reader.load(since - config.compare.window_seconds, until, config.compare.examples_per_window)
+    report = build(
+        windows,
+        await reader.segments(),
+        config.compare,
+        since=since,
+        until=until,
+        segment_filter=segment_filter,
+        examples=config.compare.examples_per_window,
+    )
+    report["workers"] = await reader.workers()
+    report["pending"] = await reader.pending(config.compare.group)
+    if not segment_filter:
+        await reader.save_verdict(report, config.compare.window_ttl)
+    return report
+
+
+async def load_report(
+    config: Config, redis_url: str, *, since_seconds: float, segment_filter: dict[str, str] | None = None
+) -> dict[str, Any]:
+    reader = AggregateReader(
+        redis_url, Keys(config.record.namespace, config.record.stream), socket_timeout=config.record.socket_timeout
+    )
+    try:
+        return await report_from(reader, config, since_seconds=since_seconds, segment_filter=segment_filter)
+    finally:
+        await reader.close()

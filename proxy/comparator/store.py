@@ -1,0 +1,250 @@
+"""The comparator's only Redis code: consumer group, idempotent aggregate updates, reads for reports.
+
+Idempotency: one Lua script per (window, segment) group of a batch marks each request id as seen
+(``SET NX EX``) and adds only the unseen records' counters, atomically. A record delivered twice
+(a worker died before ``XACK``, or the recorder retried a batch) therefore counts once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError, ResponseError
+
+from ..store import Keys, StoreUnavailable, connect
+from .aggregate import Contribution
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+# KEYS: agg, pairs, examples zset, example data hash, windows zset, segments hash, then one seen key per record.
+# ARGV: ttl, seen_ttl, reservoir_max, examples_max, window, window member, segment id, segment json,
+#       record count, then per record: request id, counters json, pair json or "", example score or "",
+#       example json or "".
+_APPLY = """
+local agg, reservoir, exz, exh, windows, segments = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local ttl, seen_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rmax, emax = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = tonumber(ARGV[9])
+local totals = {}
+local applied = 0
+for i = 1, n do
+  local base = 9 + (i - 1) * 5
+  if redis.call('SET', KEYS[6 + i], '1', 'NX', 'EX', seen_ttl) then
+    applied = applied + 1
+    for k, v in pairs(cjson.decode(ARGV[base + 2])) do totals[k] = (totals[k] or 0) + v end
+    if ARGV[base + 3] ~= '' then redis.call('LPUSH', reservoir, ARGV[base + 3]) end
+    if ARGV[base + 4] ~= '' then
+      redis.call('ZADD', exz, ARGV[base + 4], ARGV[base + 1])
+      redis.call('HSET', exh, ARGV[base + 1], ARGV[base + 5])
+    end
+  end
+end
+if applied > 0 then
+  for k, v in pairs(totals) do redis.call('HINCRBYFLOAT', agg, k, string.format('%.17g', v)) end
+  redis.call('LTRIM', reservoir, 0, rmax - 1)
+  local extra = redis.call('ZCARD', exz) - emax
+  if extra > 0 then
+    local popped = redis.call('ZPOPMIN', exz, extra)
+    for j = 1, #popped, 2 do redis.call('HDEL', exh, popped[j]) end
+  end
+  for _, key in ipairs({agg, reservoir, exz, exh}) do redis.call('EXPIRE', key, ttl) end
+  redis.call('ZADD', windows, ARGV[5], ARGV[6])
+  redis.call('HSET', segments, ARGV[7], ARGV[8])
+end
+return applied
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds of what the comparator keeps in Redis."""
+
+    window_ttl: int
+    seen_ttl: int
+    reservoir: int
+    examples: int
+    dead_letter_maxlen: int
+
+
+class ComparatorStore:
+    """Reads the records stream as a consumer group member and writes aggregates."""
+
+    def __init__(self, url: str, keys: Keys, *, group: str, consumer: str, limits: Limits, socket_timeout: float):
+        self.keys = keys
+        self.group = group
+        self.consumer = consumer
+        self._limits = limits
+        self._redis = connect(url, socket_timeout=socket_timeout)
+        self._apply = self._redis.register_script(_APPLY)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group at the start of the stream (and the stream) unless it exists."""
+        try:
+            await self._redis.xgroup_create(self.keys.records, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read_new(self, count: int, block_ms: int) -> list[Entry]:
+        reply: Any = await self._redis.xreadgroup(
+            self.group, self.consumer, {self.keys.records: ">"}, count=count, block=block_ms or None
+        )
+        # RESP2 shape, pinned by connect(): [[stream, [(id, {field: value}), ...]]]
+        return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries if fields]
+
+    async def read_own_pending(self, count: int) -> list[Entry]:
+        """Entries delivered to this consumer earlier and never acknowledged (after a restart)."""
+        reply: Any = await self._redis.xreadgroup(self.group, self.consumer, {self.keys.records: "0"}, count=count)
+        return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries if fields]
+
+    async def reclaim(self, min_idle_ms: int, count: int) -> list[Entry]:
+        """Take over entries idle longer than min_idle_ms on other (dead) consumers."""
+        reply = await self._redis.xautoclaim(
+            self.keys.records, self.group, self.consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
+        )
+        # [next_start, [(id, fields), ...], deleted_ids] (Redis >= 7) or without deleted_ids (6.2).
+        claimed = reply[1] if len(reply) > 1 else []
+        return [(entry_id, fields) for entry_id, fields in claimed if fields]
+
+    async def apply(self, contributions: Sequence[Contribution]) -> int:
+        """Add contributions grouped by (window, segment); returns how many were new (not seen before)."""
+        groups: dict[tuple[int, str], list[Contribution]] = defaultdict(list)
+        for item in contributions:
+            groups[(item.window, item.segment.id)].append(item)
+        pipe = self._redis.pipeline(transaction=False)
+        limits = self._limits
+        for (window, segment_id), items in groups.items():
+            keys = [
+                self.keys.aggregate(window, segment_id),
+                self.keys.pairs(window, segment_id),
+                self.keys.examples(window, segment_id),
+                self.keys.example_data(window, segment_id),
+                self.keys.windows,
+                self.keys.segments,
+                *(self.keys.seen(i.request_id) for i in items),
+            ]
+            args: list[Any] = [
+                limits.window_ttl,
+                limits.seen_ttl,
+                limits.reservoir,
+                limits.examples,
+                window,
+                f"{window}:{segment_id}",
+                segment_id,
+                items[0].segment.json(),
+                len(items),
+            ]
+            for item in items:
+                args += [
+                    item.request_id,
+                    orjson.dumps(item.counters),
+                    orjson.dumps(item.pair) if item.pair is not None else "",
+                    item.example_score if item.example_score is not None else "",
+                    item.example or "",
+                ]
+            await self._apply(keys=keys, args=args, client=pipe)
+        try:
+            results = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return sum(int(r) for r in results)
+
+    async def dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
+        """Keep an unreadable record aside with the reason, so it never blocks the group."""
+        await self._redis.xadd(
+            self.keys.dead_letter,
+            {**fields, b"dead_letter.reason": reason.encode(), b"dead_letter.entry_id": entry_id},  # type: ignore[dict-item]
+            maxlen=self._limits.dead_letter_maxlen,
+            approximate=True,
+        )
+
+    async def ack(self, entry_ids: Sequence[bytes]) -> None:
+        if entry_ids:
+            await self._redis.xack(self.keys.records, self.group, *entry_ids)
+
+    async def heartbeat(self, status: dict[str, Any], ttl: int) -> None:
+        await self._redis.set(self.keys.worker(self.consumer), orjson.dumps(status), ex=ttl)
+
+    async def pending_count(self) -> int:
+        info = await self._redis.xpending(self.keys.records, self.group)
+        return int(info["pending"]) if info else 0
+
+    async def forget_expired_windows(self) -> None:
+        cutoff = time.time() - self._limits.window_ttl
+        await self._redis.zremrangebyscore(self.keys.windows, "-inf", cutoff)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowData:
+    """What one (window, segment) holds."""
+
+    window: int
+    segment: str
+    counters: dict[str, float]
+    pairs: list[list[float]]
+    examples: list[dict[str, Any]]
+
+
+class AggregateReader:
+    """Reads aggregates over a time range for reports and verdicts, and stores the latest verdict."""
+
+    def __init__(self, url: str, keys: Keys, *, socket_timeout: float) -> None:
+        self.keys = keys
+        self._redis = connect(url, socket_timeout=socket_timeout)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def segments(self) -> dict[str, dict[str, Any]]:
+        raw: dict[bytes, bytes] = await self._redis.hgetall(self.keys.segments)  # type: ignore[assignment]
+        return {k.decode(): orjson.loads(v) for k, v in raw.items()}
+
+    async def load(self, since: float, until: float, examples: int) -> list[WindowData]:
+        """Every (window, segment) whose window starts in [since, until]."""
+        members: list[bytes] = await self._redis.zrangebyscore(self.keys.windows, since, until)  # type: ignore[assignment]
+        pipe = self._redis.pipeline(transaction=False)
+        parsed = []
+        for member in members:
+            window_text, _, segment = member.decode().partition(":")
+            window = int(window_text)
+            parsed.append((window, segment))
+            pipe.hgetall(self.keys.aggregate(window, segment))
+            pipe.lrange(self.keys.pairs(window, segment), 0, -1)
+            pipe.zrevrange(self.keys.examples(window, segment), 0, examples - 1)
+        replies = await pipe.execute()
+        found = []
+        example_pipe = self._redis.pipeline(transaction=False)
+        for index, (window, segment) in enumerate(parsed):
+            counters_raw, pairs_raw, example_ids = replies[index * 3 : index * 3 + 3]
+            if not counters_raw:
+                continue  # expired between the index and the read
+            counters = {k.decode(): float(v) for k, v in counters_raw.items()}
+            found.append(WindowData(window, segment, counters, [orjson.loads(p) for p in pairs_raw], []))
+            example_pipe.hmget(self.keys.example_data(window, segment), example_ids or ["-"])
+        example_replies = await example_pipe.execute() if found else []
+        for data, payloads in zip(found, example_replies, strict=True):
+            data.examples.extend(orjson.loads(p) for p in payloads if p)
+        return found
+
+    async def save_verdict(self, report: dict[str, Any], ttl: int) -> None:
+        await self._redis.set(self.keys.verdict, orjson.dumps(report), ex=ttl)
+
+    async def workers(self) -> list[dict[str, Any]]:
+        keys = [k async for k in self._redis.scan_iter(match=self.keys.worker("*"), count=100)]
+        values = await self._redis.mget(keys) if keys else []
+        return [orjson.loads(v) for v in values if v]
+
+    async def pending(self, group: str) -> int | None:
+        try:
+            info = await self._redis.xpending(self.keys.records, group)
+        except ResponseError:
+            return None
+        return int(info["pending"]) if info else 0

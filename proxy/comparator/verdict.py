@@ -1,0 +1,311 @@
+"""Verdicts from aggregates: a test suited to each gate, thresholds in real units, explained outcomes.
+
+- Latency p50/p99: bootstrap interval (scipy) of the quantile difference over paired samples.
+- Error rate: exact Clopper-Pearson intervals for each arm, combined conservatively (Bonferroni), and
+  McNemar's exact test on discordant pairs. A candidate with errors against an incumbent with none fails
+  once n suffices; it never passes on a zero baseline because the candidate's upper bound must clear it.
+- Divergence: exact interval of the candidate's divergence rate minus the incumbent's own A/A rate.
+- Cost: bootstrap interval of the ratio of mean cost per request.
+Outcomes: pass (the whole interval is on the good side of the threshold), fail (the whole interval is
+on the bad side), inconclusive (it straddles, or n is below the gate's minimum) with an estimate of
+how many more pairs would decide it. Segment verdicts are corrected with Benjamini-Hochberg.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from ..config import GatesConfig
+from .aggregate import PAIR_FIELDS, quantiles
+
+PASS, FAIL, INCONCLUSIVE, SKIPPED = "pass", "fail", "inconclusive", "skipped"
+_COL = {name: i for i, name in enumerate(PAIR_FIELDS)}
+_MAX_BOOTSTRAP_PAIRS = 5000
+
+
+@dataclass(slots=True)
+class Gate:
+    """One gate's outcome and the evidence for it."""
+
+    name: str
+    outcome: str
+    statistic: str
+    estimate: float | None
+    interval: tuple[float, float] | None
+    n: int
+    threshold: float | None
+    unit: str
+    rule: str
+    p_value: float | None = None
+    need_more_pairs: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["interval"] = list(self.interval) if self.interval else None
+        return data
+
+
+def _clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def _need_more(n: int, interval: tuple[float, float], estimate: float, threshold: float) -> int | None:
+    """Pairs still needed for the interval to clear the threshold, assuming it narrows as 1/sqrt(n)."""
+    half = (interval[1] - interval[0]) / 2.0
+    margin = abs(estimate - threshold)
+    if margin <= 1e-12 or half <= 0:
+        return None
+    needed = n * (half / margin) ** 2
+    return max(1, math.ceil(needed - n))
+
+
+def _decide(
+    gate: Gate, interval: tuple[float, float], threshold: float, min_pairs: int, *, higher_is_worse: bool = True
+) -> Gate:
+    gate.interval = (round(interval[0], 6), round(interval[1], 6))
+    gate.threshold = threshold
+    low, high = interval
+    if gate.n < min_pairs:
+        gate.outcome = INCONCLUSIVE
+        gate.need_more_pairs = min_pairs - gate.n
+        gate.rule = f"n={gate.n} below the gate minimum of {min_pairs} pairs"
+    elif low > threshold:
+        gate.outcome = FAIL
+        gate.rule = f"whole interval above the threshold ({low:.4g} > {threshold:.4g})"
+    elif high <= threshold:
+        gate.outcome = PASS
+        gate.rule = f"whole interval at or below the threshold ({high:.4g} <= {threshold:.4g})"
+    else:
+        gate.outcome = INCONCLUSIVE
+        gate.rule = f"interval [{low:.4g}, {high:.4g}] straddles the threshold {threshold:.4g}"
+        if gate.estimate is not None:
+            gate.need_more_pairs = _need_more(gate.n, interval, gate.estimate, threshold)
+    return gate
+
+
+def _paired(pairs: Sequence[Sequence[float]], a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+    if not pairs:
+        return np.empty(0), np.empty(0)
+    data = np.asarray(pairs, dtype=float)
+    keep = (
+        (data[:, _COL[a]] >= 0)
+        & (data[:, _COL[b]] >= 0)
+        & (data[:, _COL["err_inc"]] == 0)
+        & (data[:, _COL["err_cand"]] == 0)
+    )
+    data = data[keep]
+    if len(data) > _MAX_BOOTSTRAP_PAIRS:
+        data = data[np.random.default_rng(0).choice(len(data), _MAX_BOOTSTRAP_PAIRS, replace=False)]
+    return data[:, _COL[a]], data[:, _COL[b]]
+
+
+def _bootstrap(
+    x: np.ndarray, y: np.ndarray, statistic: Any, confidence: float
+) -> tuple[tuple[float, float], np.ndarray]:
+    result = stats.bootstrap(
+        (x, y),
+        statistic,
+        paired=True,
+        vectorized=True,
+        n_resamples=2000,
+        confidence_level=confidence,
+        method="percentile",
+        random_state=np.random.default_rng(0),
+    )
+    ci = result.confidence_interval
+    return (float(ci.low), float(ci.high)), np.asarray(result.bootstrap_distribution)
+
+
+def latency_gate(counters: dict[str, float], pairs: Sequence[Sequence[float]], cfg: GatesConfig, q: int) -> Gate:
+    """Paired bootstrap of the difference of the q-th percentile of total latency (candidate - incumbent)."""
+    pct = cfg.latency_p50_increase_pct if q == 50 else cfg.latency_p99_increase_pct
+    incumbent, candidate = _paired(pairs, "lat_inc", "lat_cand")
+    n = len(incumbent)
+    gate = Gate(
+        f"latency_p{q}",
+        INCONCLUSIVE,
+        f"p{q}(candidate) - p{q}(incumbent), paired bootstrap",
+        None,
+        None,
+        n,
+        None,
+        "ms",
+        "",
+    )
+    if n < 2:
+        return _decide(gate, (-math.inf, math.inf), cfg.latency_min_effect_ms, max(cfg.min_pairs, 2))
+    base = float(np.percentile(incumbent, q))
+    threshold = max(cfg.latency_min_effect_ms, base * pct / 100.0)
+
+    def diff(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.asarray(np.percentile(y, q, axis=axis) - np.percentile(x, q, axis=axis))
+
+    gate.estimate = round(float(diff(incumbent, candidate)), 3)
+    interval, distribution = _bootstrap(incumbent, candidate, diff, cfg.confidence)
+    gate.p_value = float(np.mean(distribution <= threshold))
+    deltas = candidate - incumbent
+    gate.details = {
+        f"incumbent_p{q}_ms": round(base, 3),
+        f"candidate_p{q}_ms": round(float(np.percentile(candidate, q)), 3),
+        "threshold_rule": f"max({cfg.latency_min_effect_ms} ms, {pct}% of incumbent p{q})",
+        "median_paired_delta_ms": round(float(np.median(deltas)), 3),
+        "wilcoxon_p": float(stats.wilcoxon(deltas).pvalue) if np.any(deltas != 0) else 1.0,
+    }
+    return _decide(gate, interval, round(threshold, 3), cfg.min_pairs)
+
+
+def _errors(counters: dict[str, float], arm: str) -> int:
+    return int(sum(v for k, v in counters.items() if k.startswith(f"out:{arm}:") and not k.endswith(":ok")))
+
+
+def error_gate(counters: dict[str, float], cfg: GatesConfig) -> Gate:
+    """Exact intervals of each arm's error rate; the difference's bounds must clear the threshold."""
+    n = int(counters.get("n", 0))
+    e_inc, e_cand = _errors(counters, "inc"), _errors(counters, "cand")
+    joint = 1.0 - (1.0 - cfg.confidence) / 2.0  # Bonferroni: both intervals hold together at `confidence`
+    inc_low, inc_high = _clopper_pearson(e_inc, n, joint)
+    cand_low, cand_high = _clopper_pearson(e_cand, n, joint)
+    threshold = cfg.error_rate_increase_pp / 100.0
+    gate = Gate(
+        "error_rate",
+        INCONCLUSIVE,
+        "error rate(candidate) - error rate(incumbent), exact intervals",
+        (e_cand - e_inc) / n if n else None,
+        None,
+        n,
+        None,
+        "fraction",
+        "",
+    )
+    b, c = int(counters.get("err:cand_only", 0)), int(counters.get("err:inc_only", 0))
+    gate.details = {
+        "incumbent_errors": e_inc,
+        "candidate_errors": e_cand,
+        "candidate_only": b,
+        "incumbent_only": c,
+        "mcnemar_exact_p": float(stats.binomtest(b, b + c).pvalue) if b + c else 1.0,
+        "threshold_pp": cfg.error_rate_increase_pp,
+    }
+    if n:
+        gate.p_value = float(stats.binomtest(e_cand, n, min(1.0, e_inc / n + threshold), alternative="greater").pvalue)
+    return _decide(gate, (cand_low - inc_high, cand_high - inc_low), threshold, cfg.min_pairs)
+
+
+def divergence_gate(counters: dict[str, float], cfg: GatesConfig) -> Gate:
+    """Candidate divergence rate in excess of the incumbent's own A/A divergence (its noise floor)."""
+    n, k = int(counters.get("div_n", 0)), int(counters.get("div", 0))
+    n_aa, k_aa = int(counters.get("aa:div_n", 0)), int(counters.get("aa:div", 0))
+    joint = 1.0 - (1.0 - cfg.confidence) / 2.0
+    low, high = _clopper_pearson(k, n, joint)
+    aa_low, aa_high = (0.0, 0.0) if n_aa == 0 else _clopper_pearson(k_aa, n_aa, joint)
+    noise = k_aa / n_aa if n_aa else 0.0
+    gate = Gate(
+        "divergence",
+        INCONCLUSIVE,
+        "divergence rate(candidate) - divergence rate(incumbent A/A)",
+        (k / n - noise) if n else None,
+        None,
+        n,
+        None,
+        "fraction",
+        "",
+    )
+    gate.details = {
+        "candidate_rate": k / n if n else None,
+        "noise_rate": noise if n_aa else None,
+        "noise_pairs": n_aa,
+        "threshold_pp": cfg.divergence_excess_pp,
+        "noise_floor": "measured" if n_aa else "not measured (compare.noise_sample_rate = 0): floor taken as 0",
+    }
+    threshold = cfg.divergence_excess_pp / 100.0
+    if n:
+        gate.p_value = float(stats.binomtest(k, n, min(1.0, noise + threshold), alternative="greater").pvalue)
+    return _decide(gate, (low - aa_high, high - aa_low), threshold, cfg.min_pairs)
+
+
+def cost_gate(counters: dict[str, float], pairs: Sequence[Sequence[float]], cfg: GatesConfig) -> Gate:
+    """Ratio of mean cost per request (candidate / incumbent), paired bootstrap."""
+    incumbent, candidate = _paired(pairs, "cost_inc", "cost_cand")
+    gate = Gate(
+        "cost",
+        SKIPPED,
+        "mean cost(candidate) / mean cost(incumbent), paired bootstrap",
+        None,
+        None,
+        len(incumbent),
+        cfg.cost_ratio_max,
+        "ratio",
+        "",
+    )
+    if not len(incumbent) or float(incumbent.sum()) == 0.0:
+        gate.rule = "no incumbent cost: set [incumbent.price] and [candidate.price] to gate on cost"
+        return gate
+
+    def ratio(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.asarray(np.mean(y, axis=axis) / np.maximum(np.mean(x, axis=axis), 1e-12))
+
+    gate.estimate = round(float(ratio(incumbent, candidate)), 4)
+    interval, distribution = _bootstrap(incumbent, candidate, ratio, cfg.confidence)
+    gate.p_value = float(np.mean(distribution <= cfg.cost_ratio_max))
+    return _decide(gate, interval, cfg.cost_ratio_max, cfg.min_pairs)
+
+
+def evaluate(counters: dict[str, float], pairs: Sequence[Sequence[float]], cfg: GatesConfig) -> list[Gate]:
+    """Every gate for one slice of traffic."""
+    return [
+        latency_gate(counters, pairs, cfg, 50),
+        latency_gate(counters, pairs, cfg, 99),
+        error_gate(counters, cfg),
+        divergence_gate(counters, cfg),
+        cost_gate(counters, pairs, cfg),
+    ]
+
+
+def overall(gates: Sequence[Gate]) -> str:
+    """fail if any gate fails, pass if every applicable gate passes, else inconclusive."""
+    outcomes = [g.outcome for g in gates if g.outcome != SKIPPED]
+    if FAIL in outcomes:
+        return FAIL
+    if outcomes and all(o == PASS for o in outcomes):
+        return PASS
+    return INCONCLUSIVE
+
+
+def correct_segments(segment_gates: Sequence[list[Gate]], fdr: float) -> None:
+    """Benjamini-Hochberg across every segment's gates: a segment fails only on a discovery."""
+    flat = [g for gates in segment_gates for g in gates if g.outcome == FAIL and g.p_value is not None]
+    if not flat:
+        return
+    all_p = [g.p_value for gates in segment_gates for g in gates if g.p_value is not None]
+    adjusted = stats.false_discovery_control(np.asarray(all_p, dtype=float), method="bh")
+    by_gate = {}
+    index = 0
+    for gates in segment_gates:
+        for gate in gates:
+            if gate.p_value is not None:
+                by_gate[id(gate)] = float(adjusted[index])
+                index += 1
+    for gate in flat:
+        q_value = by_gate[id(gate)]
+        gate.details["bh_adjusted_p"] = q_value
+        if q_value > fdr:
+            gate.outcome = INCONCLUSIVE
+            gate.rule += f"; not significant after Benjamini-Hochberg (q={q_value:.3g} > {fdr})"
+
+
+def latency_summary(counters: dict[str, float]) -> dict[str, Any]:
+    return {
+        metric: {"incumbent": quantiles(counters, metric, "inc"), "candidate": quantiles(counters, metric, "cand")}
+        for metric in ("lat", "ttfb", "ttft")
+    }

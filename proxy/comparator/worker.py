@@ -1,0 +1,148 @@
+"""The comparator worker loop: short and restartable.
+
+Each turn: reclaim entries idle on dead consumers, read new ones, parse and measure them, write the
+aggregates (idempotently), then ``XACK``. An unreadable record goes to the dead-letter stream with
+its reason and is acknowledged, so it never blocks the group. ``burst`` processes what is there and
+returns, for tests and backfills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from ..config import Config
+from ..store import Keys, StoreUnavailable
+from .aggregate import Contribution, Settings, contribution
+from .metrics import Price, Tolerance
+from .parse import PoisonRecord, parse_record
+from .store import ComparatorStore, Entry, Limits
+
+log = structlog.get_logger("shadow_proxy.comparator")
+
+
+@dataclass(slots=True)
+class Progress:
+    """What this worker has done since it started."""
+
+    read: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    reclaimed: int = 0
+    started: float = field(default_factory=time.time)
+
+
+def settings_from(config: Config) -> Settings:
+    compare = config.compare
+    return Settings(
+        window_seconds=compare.window_seconds,
+        tolerance=Tolerance(frozenset(compare.ignore_paths), compare.abs_tolerance, compare.rel_tolerance),
+        incumbent_price=Price(config.incumbent.price.input_per_1k, config.incumbent.price.output_per_1k),
+        candidate_price=Price(config.candidate.price.input_per_1k, config.candidate.price.output_per_1k),
+    )
+
+
+def default_consumer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    """One member of the comparator consumer group."""
+
+    def __init__(self, config: Config, redis_url: str) -> None:
+        compare = config.compare
+        self._config = compare
+        self._settings = settings_from(config)
+        # Redis answers a blocking read after block_ms; the socket must wait longer than that.
+        socket_timeout = max(config.record.socket_timeout, compare.block_ms / 1000.0 + 2.0)
+        self.store = ComparatorStore(
+            redis_url,
+            Keys(config.record.namespace, config.record.stream),
+            group=compare.group,
+            consumer=compare.consumer or default_consumer(),
+            limits=Limits(
+                compare.window_ttl,
+                compare.dedup_ttl,
+                compare.reservoir_per_window,
+                compare.examples_per_window,
+                compare.dead_letter_maxlen,
+            ),
+            socket_timeout=socket_timeout,
+        )
+        self.progress = Progress()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, *, burst: bool = False) -> Progress:
+        """Process until stopped (or, in burst mode, until nothing is left)."""
+        await self.store.ensure_group()
+        log.info("comparator_started", consumer=self.store.consumer, group=self.store.group, burst=burst)
+        await self._process(await self.store.read_own_pending(self._config.batch_size))
+        last_beat = 0.0
+        while not self._stopping.is_set():
+            try:
+                handled = await self._turn(block=not burst)
+            except StoreUnavailable as exc:
+                log.warning("comparator_redis_unavailable", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            if time.monotonic() - last_beat > self._config.health_ttl / 3:
+                await self._heartbeat()
+                last_beat = time.monotonic()
+            if burst and handled == 0 and await self.store.pending_count() == 0:
+                break
+        await self._heartbeat()
+        log.info("comparator_stopped", **self._summary())
+        return self.progress
+
+    async def _turn(self, *, block: bool) -> int:
+        claimed = await self.store.reclaim(self._config.claim_idle_ms, self._config.batch_size)
+        self.progress.reclaimed += len(claimed)
+        handled = await self._process(claimed)
+        entries = await self.store.read_new(self._config.batch_size, self._config.block_ms if block else 0)
+        if not entries and not block and not claimed:
+            # Burst mode: give entries held by a dead consumer the chance to go idle and be reclaimed.
+            await asyncio.sleep(min(0.2, self._config.claim_idle_ms / 1000.0))
+        return handled + await self._process(entries)
+
+    async def _process(self, entries: list[Entry]) -> int:
+        if not entries:
+            return 0
+        contributions: list[Contribution] = []
+        for entry_id, fields in entries:
+            try:
+                contributions.append(contribution(parse_record(fields), self._settings))
+            except PoisonRecord as exc:
+                await self.store.dead_letter(entry_id, fields, str(exc))
+                self.progress.dead_lettered += 1
+                log.warning("record_dead_lettered", entry_id=entry_id.decode(), reason=str(exc))
+        applied = await self.store.apply(contributions)
+        # Acknowledge only after the aggregates are durably written (at least once).
+        await self.store.ack([entry_id for entry_id, _ in entries])
+        self.progress.read += len(entries)
+        self.progress.applied += applied
+        self.progress.duplicates += len(contributions) - applied
+        return len(entries)
+
+    def _summary(self) -> dict[str, object]:
+        p = self.progress
+        return {
+            "consumer": self.store.consumer,
+            "read": p.read,
+            "applied": p.applied,
+            "duplicates": p.duplicates,
+            "dead_lettered": p.dead_lettered,
+            "reclaimed": p.reclaimed,
+        }
+
+    async def _heartbeat(self) -> None:
+        status = {**self._summary(), "time": time.time(), "started": self.progress.started}
+        await self.store.heartbeat(status, self._config.health_ttl)
