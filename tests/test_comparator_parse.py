@@ -1,0 +1,162 @@
+"""Parsing recorded answers: OpenAI JSON and SSE streams, embeddings, generic JSON, text, encodings."""
+
+from __future__ import annotations
+
+import gzip
+
+import orjson
+import pytest
+
+from proxy.comparator.parse import PoisonRecord, parse_body, parse_record, parse_sse
+
+
+def _sse(*events: object, done: bool = True) -> bytes:
+    body = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events)
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+def _delta(content: str | None = None, finish: str | None = None, **extra: object) -> dict[str, object]:
+    delta: dict[str, object] = {"content": content} if content is not None else {}
+    delta.update(extra)
+    return {
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def test_chat_stream_is_reassembled() -> None:
+    """Deltas join into the final text; finish reason and usage are kept; [DONE] makes it clean."""
+    usage = {"object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}
+    out = parse_sse(_sse(_delta(role="assistant"), _delta("Hel"), _delta("lo"), _delta(finish="stop"), usage))
+    assert (out.kind, out.text, out.finish_reason) == ("chat", "Hello", "stop")
+    assert (out.prompt_tokens, out.completion_tokens, out.stream_error) == (4, 2, None)
+
+
+def test_stream_cut_before_the_end_is_truncated() -> None:
+    """No [DONE] and no finish reason: truncated_stream, never a clean success."""
+    out = parse_sse(_sse(_delta("Hel"), _delta("lo"), done=False))
+    assert out.text == "Hello" and out.stream_error == "truncated_stream"
+
+
+def test_streamed_tool_calls_are_assembled_by_index() -> None:
+    """Tool-call name and argument fragments are joined per index; arguments compared as JSON."""
+    call = lambda **f: {"index": 0, "function": f}  # noqa: E731
+    out = parse_sse(
+        _sse(
+            _delta(tool_calls=[call(name="get_weather", arguments='{"city": ')]),
+            _delta(tool_calls=[call(arguments='"Paris"}')]),
+            _delta(finish="tool_calls"),
+        )
+    )
+    assert out.tool_calls == (("get_weather", '{"city":"Paris"}'),)
+
+
+def test_completion_stream_and_json() -> None:
+    """Legacy completions are recognised in both forms."""
+    chunk = {"object": "text_completion", "choices": [{"index": 0, "text": "abc", "finish_reason": "stop"}]}
+    assert parse_sse(_sse(chunk)).kind == "completion"
+    doc = parse_body(orjson.dumps(chunk), "application/json")
+    assert (doc.kind, doc.text) == ("completion", "abc")
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "checks"),
+    [
+        (
+            {
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "message": {
+                            "content": "hi",
+                            "tool_calls": [{"function": {"name": "f", "arguments": '{"b": 1, "a": 2}'}}],
+                        },
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+            },
+            "chat",
+            {"text": "hi", "tool_calls": (("f", '{"a":2,"b":1}'),), "completion_tokens": 1},
+        ),
+        (
+            {"object": "list", "data": [{"object": "embedding", "embedding": [0.1, 0.2]}]},
+            "embedding",
+            {"embeddings": ((0.1, 0.2),)},
+        ),
+        ({"label": "spam", "score": 0.9}, "json", {"label": "spam"}),
+        ([1, 2, 3], "json", {"document": [1, 2, 3]}),
+    ],
+)
+def test_json_answers_are_recognised_without_configuration(body: object, kind: str, checks: dict[str, object]) -> None:
+    """Chat, embeddings, classifier labels and other JSON are told apart by shape."""
+    out = parse_body(orjson.dumps(body), "application/json")
+    assert out.kind == kind
+    for key, value in checks.items():
+        assert getattr(out, key) == value
+
+
+def test_text_and_empty_bodies() -> None:
+    """Non-JSON bodies are text; empty bodies are empty."""
+    assert parse_body(b"plain words", "text/plain").text == "plain words"
+    assert parse_body(b"", "application/json").kind == "empty"
+
+
+def _record(meta: dict[str, object], **bodies: bytes) -> dict[bytes, bytes]:
+    fields = {b"meta": orjson.dumps(meta)}
+    fields.update({f"body.{k}".encode(): v for k, v in bodies.items()})
+    return fields
+
+
+def _meta(**arms: dict[str, object]) -> dict[str, object]:
+    return {"v": 1, "request_id": "r1", "time": 1000.0, "route": "/*", "arms": arms}
+
+
+def _arm(upstream: str, role: str, **extra: object) -> dict[str, object]:
+    arm: dict[str, object] = {
+        "upstream": upstream,
+        "role": role,
+        "status": 200,
+        "error": None,
+        "start_ms": 1.0,
+        "first_chunk_ms": 5.0,
+        "duration_ms": 20.0,
+        "ttfb_ms": 3.0,
+        "headers": [],
+    }
+    arm.update(extra)
+    return arm
+
+
+def test_record_with_gzip_body_is_decoded() -> None:
+    """Bodies recorded with Content-Encoding are decompressed before comparison."""
+    body = gzip.compress(orjson.dumps({"label": "ok"}))
+    meta = _meta(live=_arm("incumbent", "live", headers=[["content-encoding", "gzip"]]))
+    record = parse_record(_record(meta, live=body, request=b'{"model": "m1", "stream": false}'))
+    assert record.arms["live"].output.label == "ok"
+    assert (record.model, record.streaming) == ("m1", False)
+
+
+def test_streamed_arm_time_to_first_token_is_first_chunk() -> None:
+    """TTFT is the first body chunk for streams, the whole duration for plain answers."""
+    meta = _meta(live=_arm("incumbent", "live", headers=[["content-type", "text/event-stream"]]))
+    record = parse_record(_record(meta, live=_sse(_delta("x"), _delta(finish="stop"))))
+    assert record.arms["live"].ttft_ms == 4.0
+    plain = parse_record(_record(_meta(live=_arm("incumbent", "live")), live=b'{"a": 1}'))
+    assert plain.arms["live"].ttft_ms == 20.0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {b"meta": b"not json"},
+        {b"meta": orjson.dumps({"v": 99, "arms": {}})},
+        {b"meta": orjson.dumps({"v": 1, "arms": {}})},
+        {b"other": b"x"},
+    ],
+)
+def test_unreadable_entries_are_poison(fields: dict[bytes, bytes]) -> None:
+    """Anything but a version-1 record raises PoisonRecord with a reason."""
+    with pytest.raises(PoisonRecord):
+        parse_record(fields)
