@@ -7,7 +7,9 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from . import __version__, logs
 from .config import Config, ConfigError, load_config, masked, parse_duration, require_incumbent, split_listen
 from .embedded_redis import EmbeddedRedis, EmbeddedRedisError, default_data_dir, free_port
 from .server import serve_until_signal, worker_main
+from .store import StoreUnavailable
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -67,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--since", metavar="DURATION", help="range to report, e.g. 15m, 2h, 7d (compare.report_since)")
     report.add_argument("--route", help="only segments of this route (a shadow.routes glob)")
     report.add_argument("--model", help="only segments of this request model")
+
+    canary = commands.add_parser(
+        "canary",
+        help="read or drive the canary",
+        description="Show the canary state, or act on it (every action is an event with actor and reason).",
+    )
+    canary.add_argument("action", choices=["status", "promote", "rollback", "pause", "resume", "set-weight"])
+    canary.add_argument("weight", nargs="?", type=float, help="with set-weight: the candidate's share, 0..1")
+    canary.add_argument("--config", metavar="FILE", help="TOML config file")
+    canary.add_argument("--redis-url", metavar="URL", help="Redis holding the canary state (record.redis_url)")
+    canary.add_argument("--reason", default="manual", help="why (kept in the event history)")
+    canary.add_argument("--actor", default=None, help="who (default: $USER@host)")
+    canary.add_argument("--json", action="store_true", help="print JSON")
 
     check = commands.add_parser(
         "check-config",
@@ -203,6 +219,39 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_canary(args: argparse.Namespace) -> int:
+    from .canary.controller import Controller
+
+    config = load_config(args.config, overrides=_overrides(args))
+    if args.action == "set-weight" and args.weight is None:
+        raise ConfigError("set-weight needs a weight: shadow-proxy canary set-weight 0.05")
+    actor = args.actor or f"{os.environ.get('USER', 'operator')}@{socket.gethostname()}"
+
+    async def run() -> dict[str, Any]:
+        controller = Controller(config, _redis_for_reading(config))
+        try:
+            if args.action != "status":
+                await controller.act(args.action, actor=actor, reason=args.reason, weight=args.weight)
+            state = await controller.current()
+            _, pairs, evidence = await controller.evidence(state, time.time())
+            history = await controller.store.events(10)
+            return {"state": state.as_dict(), "evidence": evidence, "history": history}
+        finally:
+            await controller.close()
+
+    result = uvloop.run(run())
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+        return EXIT_OK
+    state = result["state"]
+    print(f"canary {state['status']}: stage {state['stage']}, candidate weight {state['weight']:g} ({state['reason']})")
+    for name, gate in result["evidence"]["gates"].items():
+        print(f"  {name:<14} {gate['outcome']:<13} {gate['rule']}")
+    for event in result["history"][:5]:
+        print(f"  event {event['action']} by {event['actor']}: {event['reason']}")
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     sys.stdout.buffer.write(orjson.dumps(masked(config), option=orjson.OPT_INDENT_2) + b"\n")
@@ -211,7 +260,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "compare": cmd_compare, "report": cmd_report, "check-config": cmd_check_config}
+    handlers = {
+        "serve": cmd_serve,
+        "compare": cmd_compare,
+        "report": cmd_report,
+        "canary": cmd_canary,
+        "check-config": cmd_check_config,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
@@ -220,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"shadow-proxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (EmbeddedRedisError, OSError, RedisError) as exc:
+    except (EmbeddedRedisError, OSError, RedisError, StoreUnavailable) as exc:
         print(f"shadow-proxy: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:

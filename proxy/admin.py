@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 from redis.exceptions import RedisError
 
+from .canary.controller import Controller
 from .comparator.service import report_from
 from .comparator.store import AggregateReader
+from .comparator.verdict import overall_outcome
 from .config import parse_duration
 from .runtime import Runtime
-from .store import Keys
+from .store import Keys, StoreUnavailable
 
 RUNTIME = web.AppKey("runtime", Runtime)
 
@@ -91,6 +95,125 @@ async def report(request: web.Request) -> web.Response:
     return _json(body)
 
 
+def _authorised(request: web.Request) -> web.Response | None:
+    """Bearer-token check for mutations: 401 without a token, 403 with a wrong one (or none configured)."""
+    expected = request.app[RUNTIME].config.admin.token
+    given = request.headers.get("Authorization", "")
+    if not expected:
+        return _json({"error": {"message": "mutations are disabled: set admin.token", "type": "forbidden"}}, 403)
+    if not given.startswith("Bearer "):
+        response = _json(
+            {"error": {"message": "send Authorization: Bearer <admin.token>", "type": "unauthorized"}}, 401
+        )
+        response.headers["WWW-Authenticate"] = 'Bearer realm="shadow-proxy admin"'
+        return response
+    if not hmac.compare_digest(given.removeprefix("Bearer ").encode(), expected.encode()):
+        return _json({"error": {"message": "wrong admin token", "type": "forbidden"}}, 403)
+    return None
+
+
+def _controller(request: web.Request) -> Controller | None:
+    canary = request.app[RUNTIME].canary
+    return None if canary is None else canary.controller
+
+
+async def canary_status(request: web.Request) -> web.Response:
+    """State, weight, stage and its gates with their current values over the stage's window, history."""
+    controller = _controller(request)
+    if controller is None:
+        return _json({"error": {"message": "recording is disabled: no canary", "type": "not_available"}}, 404)
+    runtime = request.app[RUNTIME]
+    try:
+        state = await controller.current()
+        _, pairs, evidence = await controller.evidence(state, time.time())
+        history = await controller.store.events(int(request.query.get("history", "50")))
+        holder = await controller.store.lease_holder()
+    except (StoreUnavailable, RedisError, OSError) as exc:
+        return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
+    stages = [s.model_dump() for s in runtime.config.canary.stage]
+    return _json(
+        {
+            "enabled": runtime.config.canary.enabled,
+            "state": state.as_dict(),
+            "stage": stages[min(state.stage, len(stages) - 1)],
+            "stages": stages,
+            "evidence": evidence,
+            "lease_holder": holder,
+            "history": history,
+        }
+    )
+
+
+async def canary_action(request: web.Request) -> web.Response:
+    """POST /api/canary/{promote,rollback,pause,resume,set-weight} with a bearer token."""
+    refused = _authorised(request)
+    if refused is not None:
+        return refused
+    controller = _controller(request)
+    if controller is None:
+        return _json({"error": {"message": "recording is disabled: no canary", "type": "not_available"}}, 404)
+    action = request.match_info["action"]
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        weight = body.get("weight")
+        transition = await controller.act(
+            action,
+            actor=str(body.get("actor") or "admin-api"),
+            reason=str(body.get("reason") or "manual"),
+            weight=None if weight is None else float(weight),
+        )
+    except (ValueError, orjson.JSONDecodeError) as exc:
+        return _json({"error": {"message": str(exc), "type": "invalid_action"}}, 400)
+    except (StoreUnavailable, RedisError, OSError) as exc:
+        return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
+    return _json({"state": transition.after.as_dict(), "event": transition.event()})
+
+
+RESULT = {"pass": 1.0, "inconclusive": 0.5, "fail": 0.0}
+
+
+async def canary_verdict(request: web.Request) -> web.Response:
+    """The verdict as one number (result: 1 pass, 0.5 inconclusive, 0 fail) for Argo Rollouts / Flagger.
+
+    Over the current canary stage's window when a canary is active, else over ``?since=`` (default
+    compare.report_since). ``?format=text`` answers the bare number.
+    """
+    runtime = request.app[RUNTIME]
+    controller = _controller(request)
+    if controller is None:
+        return _json({"error": {"message": "recording is disabled: no verdict", "type": "not_available"}}, 404)
+    now = time.time()
+    try:
+        state = await controller.current()
+        since = now - parse_duration(request.query["since"]) if "since" in request.query else None
+        if since is None:
+            active = runtime.config.canary.enabled and state.status == "active"
+            since = state.stage_started if active else now - parse_duration(runtime.config.compare.report_since)
+        outcomes, pairs, evidence = await controller.evidence(replace(state, stage_started=since), now)
+    except ValueError as exc:
+        return _json({"error": {"message": str(exc), "type": "bad_request"}}, 400)
+    except (StoreUnavailable, RedisError, OSError) as exc:
+        return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
+    verdict = overall_outcome(list(outcomes.values()))
+    if request.query.get("format") == "text":
+        return web.Response(text=f"{RESULT[verdict]:g}\n")
+    return _json(
+        {
+            "result": RESULT[verdict],
+            "verdict": verdict,
+            "pairs": pairs,
+            "since": since,
+            "until": now,
+            "weight": state.weight,
+            "stage": state.stage,
+            "status": state.status,
+            "gates": evidence["gates"],
+        }
+    )
+
+
 async def _reader_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     record = runtime.config.record
@@ -113,4 +236,7 @@ def admin_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/report", report)
+    app.router.add_get("/api/canary", canary_status)
+    app.router.add_get("/api/canary/verdict", canary_verdict)
+    app.router.add_post("/api/canary/{action}", canary_action)
     return app

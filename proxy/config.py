@@ -186,6 +186,51 @@ class CompareConfig(_Section):
     gates: GatesConfig = GatesConfig()
 
 
+class StageConfig(_Section):
+    weight: float = Field(ge=0.0, le=1.0)
+    min_duration: Seconds = 600.0
+    min_pairs: int = Field(default=200, ge=0)
+    gates: tuple[str, ...] = ("latency_p50", "latency_p99", "error_rate", "divergence")
+
+    @field_validator("gates")
+    @classmethod
+    def _known_gates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = {"latency_p50", "latency_p99", "error_rate", "divergence", "cost", "satisfaction"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown gate(s) {', '.join(unknown)}: use {', '.join(sorted(known))}")
+        return value
+
+
+def _default_stages() -> tuple[StageConfig, ...]:
+    return tuple(StageConfig(weight=w) for w in (0.0, 0.01, 0.05, 0.25, 0.5, 1.0))
+
+
+class CanaryConfig(_Section):
+    enabled: bool = False
+    stage: tuple[StageConfig, ...] = Field(default_factory=_default_stages, min_length=1)
+    on_fail: Literal["rollback", "pause"] = "rollback"
+    evaluate_interval: PositiveSeconds = 10.0
+    lease_ttl: PositiveSeconds = 15.0
+    weight_poll_interval: PositiveSeconds = 5.0
+    sticky_keys: tuple[str, ...] = ("header:x-user-id", "cookie:session_id", "header:authorization", "client_ip")
+    served_by_header: str = "x-served-by"
+    reverse_shadow: bool = True
+    feedback_path: str = "/_shadow/feedback"
+    feedback_ttl: int = Field(default=86_400, ge=60)
+    min_feedback: int = Field(default=30, ge=2)
+    satisfaction_drop_max: float = Field(default=0.05, ge=0.0)
+
+    @field_validator("sticky_keys")
+    @classmethod
+    def _sticky(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            kind, _, name = item.partition(":")
+            if kind not in ("header", "cookie", "client_ip") or (kind != "client_ip" and not name):
+                raise ValueError(f"bad sticky key {item!r}: use header:NAME, cookie:NAME or client_ip")
+        return value
+
+
 class LimitsConfig(_Section):
     max_body_bytes: ByteSize = 10 * 1024**2
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
@@ -200,6 +245,7 @@ class Config(_Section):
     shadow: ShadowConfig = ShadowConfig()
     record: RecordConfig = RecordConfig()
     compare: CompareConfig = CompareConfig()
+    canary: CanaryConfig = CanaryConfig()
     limits: LimitsConfig = LimitsConfig()
 
 
@@ -211,11 +257,12 @@ SECTIONS: dict[str, type[_Section]] = {
     "shadow": ShadowConfig,
     "record": RecordConfig,
     "compare": CompareConfig,
+    "canary": CanaryConfig,
     "limits": LimitsConfig,
 }
 
 # Nested tables, for naming them in error messages.
-_NESTED: dict[str, type[_Section]] = {"price": PriceConfig, "gates": GatesConfig}
+_NESTED: dict[str, type[_Section]] = {"price": PriceConfig, "gates": GatesConfig, "stage": StageConfig}
 
 
 def parse_duration(text: str) -> float:

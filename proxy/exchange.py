@@ -186,6 +186,7 @@ class Exchange:
                 "captured_bytes": min(len(self.body), cap),
                 "truncated": len(self.body) > cap,
             },
+            "served_by": self.live.upstream if self.live else None,
             "client_disconnected": self.client_disconnected,
             "response_status": self.response_status
             if self.response_status is not None
@@ -195,6 +196,7 @@ class Exchange:
         fields = {
             "v": str(SCHEMA_VERSION).encode(),
             "request_id": self.request_id.encode(),
+            "served_by": (self.live.upstream if self.live else "").encode(),
             "body.request": redact.body(self.body[:cap], len(self.body) > cap),
         }
         arms: dict[str, Any] = {}

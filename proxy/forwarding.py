@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 import orjson
@@ -21,7 +22,7 @@ from .exchange import ArmCapture, Exchange, now
 from .headers import append_via, end_to_end, request_headers
 from .metrics import Metrics
 from .recorder import Recorder
-from .routing import MirrorPolicy, RouteTable, sampled
+from .routing import MirrorPolicy, RouteTable, sampled, serves_candidate, sticky_key
 from .shadow import ShadowDispatcher
 from .upstream import Failure, Upstream, classify
 
@@ -31,11 +32,41 @@ _UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
+class ServingArm:
+    """The upstream that answers the client, and where the same request is mirrored."""
+
+    upstream: Upstream
+    mirror: ShadowDispatcher | None
+
+
+class WeightSource(Protocol):
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryRouting:
+    """Sticky, weighted choice of the serving arm (the weight is kept current by a watcher)."""
+
+    weights: WeightSource
+    sticky_keys: tuple[str, ...]
+    served_by_header: str
+
+    def serving(self, request: web.Request, request_id: str) -> str:
+        weight = self.weights.weight
+        if weight <= 0.0:
+            return "incumbent"
+        key = sticky_key(self.sticky_keys, request.headers, request.cookies, request.remote or "", request_id)
+        return "candidate" if serves_candidate(key, weight) else "incumbent"
+
+
+@dataclass(frozen=True, slots=True)
 class Forwarder:
     """Everything the live path needs, built once at startup."""
 
     incumbent: Upstream
     shadow: ShadowDispatcher | None
+    candidate_live: ServingArm | None
+    canary: CanaryRouting | None
     noise: ShadowDispatcher | None
     noise_sample_rate: float
     recorder: Recorder | None
@@ -62,7 +93,10 @@ class Forwarder:
                 request_id,
                 self.request_id_header,
             )
-        exchange = self._exchange(request, request_id, body)
+        serving = self.canary.serving(request, request_id) if self.canary is not None else "incumbent"
+        arm = self.candidate_live if serving == "candidate" and self.candidate_live is not None else None
+        arm = arm or ServingArm(self.incumbent, self.shadow)
+        exchange = self._exchange(request, request_id, body, arm.upstream)
         raw_target = request.raw_path
         headers = request_headers(
             request.headers.items(),
@@ -73,9 +107,12 @@ class Forwarder:
             request_id_header=self.request_id_header,
             request_id=request_id,
         )
-        self._maybe_mirror(exchange, raw_target, headers)
+        self._maybe_mirror(exchange, raw_target, headers, arm.mirror)
         try:
-            return await self._relay(request, exchange, raw_target, headers)
+            response = await self._relay(request, exchange, raw_target, headers, arm.upstream)
+            if self.canary is not None and self.canary.served_by_header and not response.prepared:
+                response.headers[self.canary.served_by_header] = arm.upstream.name
+            return response
         finally:
             exchange.arm_done()
 
@@ -108,7 +145,7 @@ class Forwarder:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
 
-    def _exchange(self, request: web.Request, request_id: str, body: bytes) -> Exchange:
+    def _exchange(self, request: web.Request, request_id: str, body: bytes, upstream: Upstream) -> Exchange:
         path, _, query = request.raw_path.partition("?")
         exchange = Exchange(
             request_id=request_id,
@@ -123,22 +160,26 @@ class Forwarder:
             body=body,
             on_complete=self.recorder.submit if self.recorder is not None else None,
         )
-        exchange.live = ArmCapture(self.incumbent.name, "live", self.record_cap)
+        exchange.live = ArmCapture(upstream.name, "live", self.record_cap)
         exchange.expect_arm()
         return exchange
 
-    def _maybe_mirror(self, exchange: Exchange, raw_target: str, headers: list[tuple[str, str]]) -> None:
+    def _maybe_mirror(
+        self, exchange: Exchange, raw_target: str, headers: list[tuple[str, str]], mirror: ShadowDispatcher | None
+    ) -> None:
         reason = self.policy.skip_reason(
             method=exchange.method,
             route=None if exchange.route == "other" else exchange.route,
             request_id=exchange.request_id,
             body_size=len(exchange.body),
+            has_target=mirror is not None,
         )
-        if reason is None and self.shadow is not None:
-            exchange.shadow = self.shadow.dispatch(exchange, raw_target, headers)
+        target = mirror.target if mirror is not None else "candidate"
+        if reason is None and mirror is not None:
+            exchange.shadow = mirror.dispatch(exchange, raw_target, headers)
             reason = None if exchange.shadow is not None else "full"
         elif reason is not None:
-            self.metrics.mirrors_skipped.labels("candidate", reason).inc()
+            self.metrics.mirrors_skipped.labels(target, reason).inc()
         exchange.shadow_skipped = reason
         # The A/A copy measures the incumbent's own run-to-run noise, on the same eligible requests.
         if self.noise is not None and reason in (None, "no_candidate", "not_sampled", "full"):
@@ -146,7 +187,12 @@ class Forwarder:
                 exchange.noise = self.noise.dispatch(exchange, raw_target, headers)
 
     async def _relay(
-        self, request: web.Request, exchange: Exchange, raw_target: str, headers: list[tuple[str, str]]
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        raw_target: str,
+        headers: list[tuple[str, str]],
+        upstream: Upstream,
     ) -> web.StreamResponse:
         live = exchange.live
         assert live is not None
@@ -154,7 +200,7 @@ class Forwarder:
         upstream_response: aiohttp.ClientResponse | None = None
         try:
             try:
-                upstream_response = await self.incumbent.send(request.method, raw_target, headers, exchange.body)
+                upstream_response = await upstream.send(request.method, raw_target, headers, exchange.body)
             except _UPSTREAM_ERRORS as exc:
                 return self._failed(exchange, classify(exc))
             live.on_headers(upstream_response.status, list(upstream_response.headers.items()), now())
@@ -163,6 +209,8 @@ class Forwarder:
                 response.headers.add(name, value)
             response.headers["Via"] = append_via(upstream_response.headers.items(), self.via)
             response.headers[self.request_id_header] = exchange.request_id
+            if self.canary is not None and self.canary.served_by_header:
+                response.headers[self.canary.served_by_header] = upstream.name
             try:
                 await response.prepare(request)
             except ConnectionError:
@@ -223,22 +271,23 @@ class Forwarder:
         assert exchange.live is not None
         exchange.live.finish(now(), failure.error)
         exchange.response_status = failure.status
-        log.warning("upstream_failed", upstream=self.incumbent.name, error=failure.error, detail=failure.detail)
+        upstream = exchange.live.upstream
+        log.warning("upstream_failed", upstream=upstream, error=failure.error, detail=failure.detail)
         return error_response(
             failure.status,
             failure.error,
-            f"incumbent upstream failed: {failure.detail}",
+            f"{upstream} upstream failed: {failure.detail}",
             exchange.request_id,
             self.request_id_header,
         )
 
     def _account(self, exchange: Exchange, live: ArmCapture) -> None:
         code = live.status if exchange.response_status is None else exchange.response_status
-        self.metrics.requests.labels(self.incumbent.name, exchange.route, str(code or 0)).inc()
+        self.metrics.requests.labels(live.upstream, exchange.route, str(code or 0)).inc()
         if live.error is not None:
-            self.metrics.upstream_errors.labels(self.incumbent.name, "live", live.error).inc()
+            self.metrics.upstream_errors.labels(live.upstream, "live", live.error).inc()
         elif live.end is not None:
-            self.metrics.upstream_latency.labels(self.incumbent.name, "live").observe(live.end - live.start)
+            self.metrics.upstream_latency.labels(live.upstream, "live").observe(live.end - live.start)
         log.debug(
             "request_proxied",
             method=exchange.method,

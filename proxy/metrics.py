@@ -83,6 +83,18 @@ class Metrics:
             registry=r,
         )
         self.record_queue_depth = Gauge("shadow_proxy_record_queue_depth", "Records waiting to be written.", registry=r)
+        self.canary_weight = Gauge(
+            "shadow_proxy_canary_weight",
+            "Share of users the candidate serves (0..1), as this process sees it.",
+            registry=r,
+        )
+        self.canary_stage = Gauge("shadow_proxy_canary_stage", "Current canary stage index.", registry=r)
+        self.feedback = Counter(
+            "shadow_proxy_feedback",
+            "User feedback received, by serving arm and result.",
+            ["arm", "result"],
+            registry=r,
+        )
         self.record_queue_bytes = Gauge("shadow_proxy_record_queue_bytes", "Bytes held by records waiting.", registry=r)
 
     def value(self, name: str, **labels: str) -> float:

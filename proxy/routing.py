@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 _SCALE = float(1 << 64)
@@ -46,20 +47,50 @@ class RouteTable:
 class MirrorPolicy:
     """Everything needed to decide, without I/O, whether a request is mirrored."""
 
-    enabled: bool
     routes: RouteTable
     methods: frozenset[str]
     sample_rate: float
     max_body_bytes: int
 
-    def skip_reason(self, *, method: str, route: str | None, request_id: str, body_size: int) -> str | None:
+    def skip_reason(
+        self, *, method: str, route: str | None, request_id: str, body_size: int, has_target: bool = True
+    ) -> str | None:
         """None when the request should be mirrored, else the reason it is not (a metric label)."""
         if route is None or method not in self.methods:
             return "route_not_mirrored"
         if body_size > self.max_body_bytes:
             return "body_too_large"
-        if not self.enabled:
+        if not has_target:
             return "no_candidate"
         if not sampled(request_id, self.sample_rate):
             return "not_sampled"
         return None
+
+
+def sticky_key(
+    keys: tuple[str, ...], headers: Mapping[str, str], cookies: Mapping[str, str], client_ip: str, request_id: str
+) -> str:
+    """The first configured identity present (header:NAME, cookie:NAME, client_ip), else the request id.
+
+    The kind is part of the key, so a user id and a cookie with the same text hash differently.
+    """
+    for item in keys:
+        kind, _, name = item.partition(":")
+        if kind == "header":
+            value = headers.get(name)
+        elif kind == "cookie":
+            value = cookies.get(name)
+        else:
+            value = client_ip
+        if value:
+            return f"{item}={value}"
+    return f"request_id={request_id}"
+
+
+def serves_candidate(key: str, weight: float) -> bool:
+    """Whether this user is in the candidate's share at this weight.
+
+    Each key has a fixed point in [0, 1); raising the weight only ever adds users to the candidate,
+    and every replica computes the same answer.
+    """
+    return weight > 0.0 and unit_hash("canary:" + key) < weight

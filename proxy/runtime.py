@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .config import Config
-from .forwarding import Forwarder
+from .canary.controller import Controller
+from .canary.store import CanaryStore
+from .canary.weights import WeightWatcher
+from .config import Config, ConfigError
+from .forwarding import CanaryRouting, Forwarder, ServingArm
 from .metrics import Metrics
 from .recorder import Recorder
 from .routing import MirrorPolicy, RouteTable
 from .shadow import ShadowDispatcher
 from .store import Keys, RecordStore
 from .upstream import Upstream
+
+
+@dataclass(slots=True)
+class Canary:
+    """The canary parts of a proxy process (present whenever records go to Redis)."""
+
+    store: CanaryStore
+    controller: Controller
+    weights: WeightWatcher | None  # None unless canary.enabled
+    live_candidate: Upstream | None
+    reverse: ShadowDispatcher | None
 
 
 @dataclass(slots=True)
@@ -26,41 +40,63 @@ class Runtime:
     recorder: Recorder | None
     shadow: ShadowDispatcher | None
     noise: ShadowDispatcher | None
+    canary: Canary | None
     forwarder: Forwarder
     shutting_down: bool = False
+    upstreams: list[Upstream] = field(default_factory=list)
+
+    def dispatchers(self) -> list[ShadowDispatcher]:
+        reverse = self.canary.reverse if self.canary is not None else None
+        return [d for d in (self.shadow, self.noise, reverse) if d is not None]
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
         metrics = Metrics()
+        record = config.record
         incumbent = Upstream("incumbent", config.incumbent)
         candidate = Upstream("candidate", config.candidate) if config.candidate.url else None
-        store = recorder = None
-        if config.record.enabled:
-            keys = Keys(config.record.namespace, config.record.stream)
+        cap = record.max_body_bytes if record.enabled else 0  # nothing is captured when nothing is recorded
+        keys = Keys(record.namespace, record.stream)
+        store = recorder = canary = None
+        if record.enabled:
             store = RecordStore(
-                config.record.redis_url, keys, maxlen=config.record.maxlen, socket_timeout=config.record.socket_timeout
+                record.redis_url,
+                keys,
+                maxlen=record.maxlen,
+                socket_timeout=record.socket_timeout,
+                served_ttl=config.canary.feedback_ttl if config.canary.feedback_path else 0,
             )
-            recorder = Recorder(store, config.record, metrics)
-        shadow = noise = None
-        cap = config.record.max_body_bytes if config.record.enabled else 0
-        if candidate is not None:
-            shadow = ShadowDispatcher(candidate, config.shadow, metrics, capture_cap=cap)
-        if config.compare.noise_sample_rate > 0 and config.record.enabled:
+            recorder = Recorder(store, record, metrics)
+            canary = _canary(config, keys, metrics, cap, candidate)
+        elif config.canary.enabled:
+            raise ConfigError("canary.enabled = true needs Redis: set record.enabled = true (the weight lives there)")
+        shadow = ShadowDispatcher(candidate, config.shadow, metrics, capture_cap=cap) if candidate else None
+        noise = None
+        if config.compare.noise_sample_rate > 0 and record.enabled:
             # A second client of the incumbent, so A/A copies never take live connections.
-            noise_upstream = Upstream("incumbent", config.incumbent)
             noise = ShadowDispatcher(
-                noise_upstream, config.shadow, metrics, capture_cap=cap, target="incumbent_noise", role="noise"
+                Upstream("incumbent", config.incumbent),
+                config.shadow,
+                metrics,
+                capture_cap=cap,
+                target="incumbent_noise",
+                role="noise",
             )
         routes = RouteTable.compile(config.shadow.routes)
+        routing = candidate_live = None
+        if canary is not None and canary.weights is not None and canary.live_candidate is not None:
+            routing = CanaryRouting(canary.weights, config.canary.sticky_keys, config.canary.served_by_header)
+            candidate_live = ServingArm(canary.live_candidate, canary.reverse)
         forwarder = Forwarder(
             incumbent=incumbent,
             shadow=shadow,
+            candidate_live=candidate_live,
+            canary=routing,
             noise=noise,
             noise_sample_rate=config.compare.noise_sample_rate,
             recorder=recorder,
             metrics=metrics,
             policy=MirrorPolicy(
-                enabled=candidate is not None,
                 routes=routes,
                 methods=frozenset(config.shadow.methods),
                 sample_rate=config.shadow.sample_rate,
@@ -70,7 +106,33 @@ class Runtime:
             request_id_header=config.proxy.request_id_header,
             via=config.proxy.via,
             max_body_bytes=config.limits.max_body_bytes,
-            # Nothing is captured when nothing is recorded.
-            record_cap=config.record.max_body_bytes if config.record.enabled else 0,
+            record_cap=cap,
         )
-        return cls(config, metrics, incumbent, candidate, store, recorder, shadow, noise, forwarder)
+        runtime = cls(config, metrics, incumbent, candidate, store, recorder, shadow, noise, canary, forwarder)
+        runtime.upstreams = [incumbent, *(u for u in (candidate,) if u is not None)]
+        runtime.upstreams += [d.upstream for d in runtime.dispatchers() if d.upstream not in runtime.upstreams]
+        if canary is not None and canary.live_candidate is not None:
+            runtime.upstreams.append(canary.live_candidate)
+        return runtime
+
+
+def _canary(config: Config, keys: Keys, metrics: Metrics, cap: int, candidate: Upstream | None) -> Canary:
+    record = config.record
+    store = CanaryStore(record.redis_url, keys, socket_timeout=record.socket_timeout)
+    controller = Controller(config, record.redis_url)
+    if not config.canary.enabled or candidate is None:
+        return Canary(store, controller, None, None, None)
+    weights = WeightWatcher(store, metrics, poll_interval=config.canary.weight_poll_interval)
+    # The candidate serving live traffic gets a pool of its own, apart from the mirrors' pool.
+    live_candidate = Upstream("candidate", config.candidate)
+    reverse = None
+    if config.canary.reverse_shadow:
+        reverse = ShadowDispatcher(
+            Upstream("incumbent", config.incumbent),
+            config.shadow,
+            metrics,
+            capture_cap=cap,
+            target="incumbent",
+            role="shadow",
+        )
+    return Canary(store, controller, weights, live_candidate, reverse)

@@ -8,17 +8,21 @@ mirrors drain, then the recorder flushes, then sessions close, then Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator
 
 import structlog
 import uvloop
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from . import logs
 from .admin import RUNTIME, admin_app
+from .canary.feedback import Feedback
 from .config import Config, split_listen
 from .runtime import Runtime
+from .store import StoreUnavailable
 
 log = structlog.get_logger("shadow_proxy.server")
 
@@ -32,13 +36,35 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
-    noise = runtime.noise.upstream if runtime.noise is not None else None
-    upstreams = [u for u in (runtime.incumbent, runtime.candidate, noise) if u is not None]
-    for upstream in upstreams:
+    for upstream in runtime.upstreams:
         await upstream.start()
     yield
-    for upstream in upstreams:
+    for upstream in runtime.upstreams:
         await upstream.close()
+
+
+async def _canary_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The weight watcher (every replica) and the controller loop (the lease holder acts)."""
+    canary = app[RUNTIME].canary
+    if canary is None:
+        yield
+        return
+    stop = asyncio.Event()
+    controller_task = None
+    if canary.weights is not None:
+        with contextlib.suppress(StoreUnavailable, RedisError, OSError):
+            await canary.controller.current()  # creates the first stage's state if there is none
+            await canary.weights.refresh()  # serve the current weight from the first request on
+        canary.weights.start()
+        controller_task = asyncio.create_task(canary.controller.run(stop), name="canary-controller")
+    yield
+    stop.set()
+    if controller_task is not None:
+        await controller_task
+    if canary.weights is not None:
+        await canary.weights.close()
+    await canary.controller.close()
+    await canary.store.close()
 
 
 async def _recorder_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -53,17 +79,18 @@ async def _recorder_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _shadow_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     yield
-    for dispatcher in (runtime.shadow, runtime.noise):
-        if dispatcher is not None:
-            await dispatcher.drain(runtime.config.shadow.drain_timeout)
+    for dispatcher in runtime.dispatchers():
+        await dispatcher.drain(runtime.config.shadow.drain_timeout)
 
 
 def main_app(runtime: Runtime) -> web.Application:
     # The body is read by the forwarder with its own limit; aiohttp's own cap must not interfere.
     app = web.Application(client_max_size=runtime.config.limits.max_body_bytes + 1)
     app[RUNTIME] = runtime
-    app.cleanup_ctx.extend([_store_ctx, _sessions_ctx, _recorder_ctx, _shadow_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _sessions_ctx, _canary_ctx, _recorder_ctx, _shadow_ctx])
     forwarder = runtime.forwarder
+    if runtime.canary is not None and runtime.config.canary.feedback_path:
+        app.router.add_post(runtime.config.canary.feedback_path, Feedback(runtime).handle)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle, expect_handler=forwarder.handle_expect)
     return app
 

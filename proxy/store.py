@@ -89,9 +89,10 @@ def connect(url: str, *, socket_timeout: float) -> aioredis.Redis:
 class RecordStore:
     """Appends records to the records stream in pipelined batches, trimmed with ``MAXLEN ~``."""
 
-    def __init__(self, url: str, keys: Keys, *, maxlen: int, socket_timeout: float) -> None:
+    def __init__(self, url: str, keys: Keys, *, maxlen: int, socket_timeout: float, served_ttl: int = 0) -> None:
         self.keys = keys
         self._maxlen = maxlen
+        self._served_ttl = served_ttl
         self._redis = connect(url, socket_timeout=socket_timeout)
 
     async def append(self, entries: Sequence[dict[str, bytes]]) -> None:
@@ -99,6 +100,10 @@ class RecordStore:
         pipe = self._redis.pipeline(transaction=False)
         for fields in entries:
             pipe.xadd(self.keys.records, fields, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
+            if self._served_ttl:
+                # Which arm served this request, so user feedback can be joined to it later.
+                served = f"{self.keys.tag}:served:{fields['request_id'].decode()}"
+                pipe.set(served, fields["served_by"], ex=self._served_ttl)
         try:
             await pipe.execute()
         except (RedisError, OSError) as exc:

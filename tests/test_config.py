@@ -38,7 +38,11 @@ def test_example_config_is_valid_and_complete() -> None:
         assert f"[{table}]" in text, f"[{table}] is not in config.example.toml"
         body = text.split(f"[{table}]", 1)[1].split("\n[", 1)[0]
         for key, value in values.items():
-            if not isinstance(value, dict):
+            if isinstance(value, list | tuple) and value and isinstance(value[0], dict):
+                entry = text.split(f"[[{table}.{key}]]", 1)[1].split("\n[", 1)[0]
+                for item in value[0]:
+                    assert f"\n{item} =" in entry, f"{table}.{key}.{item} is not documented"
+            elif not isinstance(value, dict):
                 assert f"\n{key} =" in body, f"{table}.{key} is not documented in config.example.toml"
 
 

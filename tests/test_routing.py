@@ -5,7 +5,6 @@ from proxy.routing import MirrorPolicy, RouteTable, sampled, unit_hash
 
 def _policy(**overrides: object) -> MirrorPolicy:
     values: dict[str, object] = {
-        "enabled": True,
         "routes": RouteTable.compile(("/v1/*",)),
         "methods": frozenset({"POST"}),
         "sample_rate": 1.0,
@@ -42,7 +41,8 @@ def test_skip_reasons() -> None:
     """Each way a request is not mirrored has its own reason."""
     assert _policy().skip_reason(method="POST", route="/v1/*", request_id="r", body_size=10) is None
     assert (
-        _policy(enabled=False).skip_reason(method="POST", route="/v1/*", request_id="r", body_size=1) == "no_candidate"
+        _policy().skip_reason(method="POST", route="/v1/*", request_id="r", body_size=1, has_target=False)
+        == "no_candidate"
     )
     assert _policy().skip_reason(method="GET", route="/v1/*", request_id="r", body_size=1) == "route_not_mirrored"
     assert _policy().skip_reason(method="POST", route=None, request_id="r", body_size=1) == "route_not_mirrored"

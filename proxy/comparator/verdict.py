@@ -274,7 +274,12 @@ def evaluate(counters: dict[str, float], pairs: Sequence[Sequence[float]], cfg: 
 
 def overall(gates: Sequence[Gate]) -> str:
     """fail if any gate fails, pass if every applicable gate passes, else inconclusive."""
-    outcomes = [g.outcome for g in gates if g.outcome != SKIPPED]
+    return overall_outcome([g.outcome for g in gates])
+
+
+def overall_outcome(outcomes: Sequence[str]) -> str:
+    """The same rule on bare outcomes."""
+    outcomes = [o for o in outcomes if o != SKIPPED]
     if FAIL in outcomes:
         return FAIL
     if outcomes and all(o == PASS for o in outcomes):
@@ -309,3 +314,49 @@ def latency_summary(counters: dict[str, float]) -> dict[str, Any]:
         metric: {"incumbent": quantiles(counters, metric, "inc"), "candidate": quantiles(counters, metric, "cand")}
         for metric in ("lat", "ttfb", "ttft")
     }
+
+
+def satisfaction_gate(feedback: dict[str, float], cfg: GatesConfig, *, min_feedback: int, drop_max: float) -> Gate:
+    """User scores: mean(candidate) - mean(incumbent) with a Welch interval; fails on a clear drop.
+
+    Shadow answers never reach users, so this compares arms only while the candidate serves traffic.
+    """
+    n = {arm: int(feedback.get(f"scored:{arm}", 0)) for arm in ("incumbent", "candidate")}
+    gate = Gate(
+        "satisfaction",
+        INCONCLUSIVE,
+        "mean score(candidate) - mean score(incumbent), Welch interval",
+        None,
+        None,
+        min(n.values()),
+        -drop_max,
+        "score",
+        "",
+    )
+    means, variances = {}, {}
+    for arm, count in n.items():
+        if count:
+            means[arm] = feedback.get(f"sum:{arm}", 0.0) / count
+            var = (feedback.get(f"sumsq:{arm}", 0.0) - count * means[arm] ** 2) / max(count - 1, 1)
+            variances[arm] = max(var, 0.0)
+    gate.details = {"scored": n, "means": means}
+    if min(n.values()) < min_feedback:
+        gate.rule = f"fewer than {min_feedback} scored answers per arm"
+        gate.need_more_pairs = min_feedback - min(n.values())
+        return gate
+    diff = means["candidate"] - means["incumbent"]
+    se_terms = {arm: variances[arm] / n[arm] for arm in n}
+    se = math.sqrt(sum(se_terms.values())) or 1e-12
+    dof = sum(se_terms.values()) ** 2 / sum(t**2 / max(n[a] - 1, 1) for a, t in se_terms.items()) if se > 1e-12 else 1e6
+    half = float(stats.t.ppf((1 + cfg.confidence) / 2, dof)) * se
+    gate.estimate = round(diff, 6)
+    gate.interval = (round(diff - half, 6), round(diff + half, 6))
+    low, high = gate.interval
+    if high < -drop_max:
+        gate.outcome, gate.rule = FAIL, f"whole interval below -{drop_max} (a clear drop in user scores)"
+    elif low >= -drop_max:
+        gate.outcome, gate.rule = PASS, f"whole interval at or above -{drop_max}"
+    else:
+        gate.rule = f"interval [{low:.4g}, {high:.4g}] straddles -{drop_max}"
+        gate.need_more_pairs = _need_more(gate.n, gate.interval, diff, -drop_max)
+    return gate

@@ -1,0 +1,150 @@
+"""The canary controller: exactly one process at a time (a Redis lease) evaluates the current stage.
+
+Each turn the lease holder reads the state, builds the comparator's verdict over the current stage's
+own window (windows starting at or after the stage began), adds the satisfaction gate from user
+feedback when the stage asks for it, and commits the pure transition with a version compare-and-set.
+A controller restarted mid-stage resumes from the stored state: the stage start is in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from ..comparator.report import build
+from ..comparator.store import AggregateReader
+from ..comparator.verdict import satisfaction_gate
+from ..config import Config
+from ..store import Keys, StoreUnavailable
+from .state import ACTIVE, CanaryState, Policy, Stage, Transition, evaluate, initial, manual
+from .store import CanaryStore
+
+log = structlog.get_logger("shadow_proxy.canary")
+
+
+def policy_from(config: Config) -> Policy:
+    stages = tuple(Stage(s.weight, s.min_duration, s.min_pairs, s.gates) for s in config.canary.stage)
+    return Policy(stages, config.canary.on_fail)
+
+
+class Controller:
+    """Reads evidence, decides and commits; also the one entry point for operators' actions."""
+
+    def __init__(self, config: Config, redis_url: str, *, holder: str | None = None) -> None:
+        keys = Keys(config.record.namespace, config.record.stream)
+        self.config = config
+        self.policy = policy_from(config)
+        self.store = CanaryStore(redis_url, keys, socket_timeout=config.record.socket_timeout)
+        self.reader = AggregateReader(redis_url, keys, socket_timeout=config.record.socket_timeout)
+        self.holder = holder or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.last_evidence: dict[str, Any] | None = None
+
+    async def close(self) -> None:
+        await self.store.close()
+        await self.reader.close()
+
+    async def current(self, now: float | None = None) -> CanaryState:
+        """The stored state, created at the first stage if there is none yet."""
+        state = await self.store.state()
+        if state is None:
+            await self.store.create(initial(self.policy, time.time() if now is None else now))
+            state = await self.store.state()
+        assert state is not None
+        return state
+
+    async def evidence(self, state: CanaryState, now: float) -> tuple[dict[str, str], int, dict[str, Any]]:
+        """Gate outcomes and pairs over the current stage's window only."""
+        compare = self.config.compare
+        windows = await self.reader.load(state.stage_started, now, compare.examples_per_window)
+        report = build(windows, await self.reader.segments(), compare, since=state.stage_started, until=now)
+        gates = {g["name"]: g for g in report["verdict"]["gates"]}
+        stage = self.policy.stages[min(state.stage, len(self.policy.stages) - 1)]
+        if "satisfaction" in stage.gates:
+            gates["satisfaction"] = (await self._satisfaction(state, now)).as_dict()
+        pairs = int(report["summary"]["pairs"])
+        evidence = {
+            "pairs": pairs,
+            "window": [state.stage_started, now],
+            "gates": {
+                name: {
+                    k: g.get(k)
+                    for k in ("outcome", "estimate", "interval", "threshold", "n", "rule", "need_more_pairs")
+                }
+                for name, g in gates.items()
+            },
+        }
+        return {name: g["outcome"] for name, g in gates.items()}, pairs, evidence
+
+    async def _satisfaction(self, state: CanaryState, now: float) -> Any:
+        step = self.config.compare.window_seconds
+        first = int(state.stage_started // step) * step
+        windows = list(range(first, int(now // step) * step + step, step))
+        feedback = await self.store.feedback(windows)
+        canary = self.config.canary
+        return satisfaction_gate(
+            feedback, self.config.compare.gates, min_feedback=canary.min_feedback, drop_max=canary.satisfaction_drop_max
+        )
+
+    async def step(self, now: float | None = None) -> Transition | None:
+        """One evaluation of the current stage; the committed transition, if any."""
+        now = time.time() if now is None else now
+        state = await self.current(now)
+        if state.status != ACTIVE:
+            return None
+        outcomes, pairs, evidence = await self.evidence(state, now)
+        self.last_evidence = evidence
+        transition = evaluate(state, self.policy, outcomes, pairs, now, evidence)
+        if transition is None:
+            return None
+        if not await self.store.commit(transition):
+            log.info("canary_commit_lost", version=state.version)
+            return None
+        log.warning(
+            "canary_transition",
+            action=transition.action,
+            reason=transition.reason,
+            weight=transition.after.weight,
+            stage=transition.after.stage,
+        )
+        return transition
+
+    async def act(self, action: str, *, actor: str, reason: str, weight: float | None = None) -> Transition:
+        """An operator's action, retried if the state changed underneath; ValueError when not allowed."""
+        for _ in range(5):
+            state = await self.current()
+            transition = manual(state, self.policy, action, time.time(), actor=actor, reason=reason, weight=weight)
+            if await self.store.commit(transition):
+                log.warning(
+                    "canary_manual_action", action=action, actor=actor, reason=reason, weight=transition.after.weight
+                )
+                return transition
+        raise StoreUnavailable("the canary state kept changing; try again")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Hold the lease and evaluate every canary.evaluate_interval until stopped."""
+        canary = self.config.canary
+        ttl_ms = int(canary.lease_ttl * 1000)
+        holding = False
+        try:
+            while not stop.is_set():
+                try:
+                    leader = await self.store.hold_lease(self.holder, ttl_ms)
+                    if leader != holding:
+                        log.info("canary_lease", holder=self.holder, held=leader)
+                        holding = leader
+                    if leader:
+                        await self.step()
+                except StoreUnavailable as exc:
+                    log.warning("canary_redis_unavailable", error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), min(canary.evaluate_interval, canary.lease_ttl / 3))
+        finally:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.release_lease(self.holder)

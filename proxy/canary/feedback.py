@@ -1,0 +1,84 @@
+"""``POST /_shadow/feedback``: a user's score or label for a request, joined to the arm that served it."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from ..store import StoreUnavailable
+from .store import FEEDBACK_DUPLICATE, FEEDBACK_UNKNOWN
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+MAX_BODY = 16 * 1024
+_LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _error(status: int, kind: str, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def parse(body: bytes) -> tuple[str, float | None, str | None]:
+    """Validate ``{request_id, score}`` or ``{request_id, label}``; ValueError says what is wrong."""
+    try:
+        data: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValueError('body must be JSON: {"request_id": ..., "score": 0..1} or {..., "label": ...}') from None
+    if not isinstance(data, dict):
+        raise ValueError("body must be a JSON object")
+    unknown = set(data) - {"request_id", "score", "label"}
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    request_id = data.get("request_id")
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= 200:
+        raise ValueError("request_id must be a non-empty string (the x-request-id of the answer)")
+    score, label = data.get("score"), data.get("label")
+    if (score is None) == (label is None):
+        raise ValueError("give exactly one of score (a number from 0 to 1) or label")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1):
+        raise ValueError("score must be a number from 0 to 1")
+    if label is not None and (not isinstance(label, str) or not _LABEL.match(label)):
+        raise ValueError("label must be 1-64 characters of letters, digits, _ . -")
+    return request_id, None if score is None else float(score), label
+
+
+class Feedback:
+    """The feedback endpoint of the main listener."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        assert runtime.canary is not None
+        self._store = runtime.canary.store
+        self._metrics = runtime.metrics
+        self._ttl = runtime.config.canary.feedback_ttl
+        self._window = runtime.config.compare.window_seconds
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return _error(413, "request_too_large", f"feedback bodies are at most {MAX_BODY} bytes")
+        body = await request.content.read(MAX_BODY + 1)
+        try:
+            request_id, score, label = parse(body)
+        except ValueError as exc:
+            self._metrics.feedback.labels("-", "invalid").inc()
+            return _error(400, "invalid_feedback", str(exc))
+        window = int(time.time() // self._window) * self._window
+        try:
+            code, arm = await self._store.add_feedback(
+                request_id, score=score, label=label, window=window, ttl=self._ttl
+            )
+        except StoreUnavailable as exc:
+            return _error(503, "redis_unavailable", f"feedback could not be stored: {exc}")
+        if code == FEEDBACK_UNKNOWN:
+            self._metrics.feedback.labels("-", "unknown_request").inc()
+            return _error(404, "unknown_request", f"no served request {request_id!r} is known (or it expired)")
+        if code == FEEDBACK_DUPLICATE:
+            self._metrics.feedback.labels(arm, "duplicate").inc()
+            return _error(409, "duplicate_feedback", f"request {request_id!r} already has feedback")
+        self._metrics.feedback.labels(arm, "stored").inc()
+        return web.Response(body=orjson.dumps({"request_id": request_id, "arm": arm}), content_type="application/json")

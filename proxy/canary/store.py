@@ -1,0 +1,178 @@
+"""The canary's only Redis code: state (compare-and-set), events, the controller lease, pub/sub, feedback.
+
+Keys (all under the deployment's hash tag, see docs/redis.md):
+  {ns}:canary:state    JSON CanaryState, changed only through COMMIT (version compare-and-set)
+  {ns}:canary:events   stream of transitions (MAXLEN ~)
+  {ns}:canary:lease    the controller lease: holder id with a PX expiry
+  {ns}:canary          pub/sub channel: the new state after each commit
+  {ns}:served:<rid>    which arm served a request (written by the recorder), for feedback joins
+  {ns}:fb:<window>     feedback aggregates per arm; {ns}:fbseen:<rid> one feedback per request
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from ..store import Keys, StoreUnavailable, connect
+from .state import CanaryState, Transition
+
+# KEYS: state, events. ARGV: expected version, new state json, event json, events maxlen, channel.
+_COMMIT = """
+local current = redis.call('GET', KEYS[1])
+local version = -1
+if current then version = cjson.decode(current)['version'] end
+if version ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[2])
+return 1
+"""
+
+# KEYS: lease. ARGV: holder, ttl ms. Take a free lease or extend our own.
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: holder. Release only our own lease.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: served, fbseen, fb window. ARGV: ttl, field prefix values: score or '', label or ''.
+_FEEDBACK = """
+local arm = redis.call('GET', KEYS[1])
+if not arm then return {0, ''} end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return {2, arm} end
+redis.call('HINCRBY', KEYS[3], 'n:' .. arm, 1)
+if ARGV[2] ~= '' then
+  local score = tonumber(ARGV[2])
+  redis.call('HINCRBY', KEYS[3], 'scored:' .. arm, 1)
+  redis.call('HINCRBYFLOAT', KEYS[3], 'sum:' .. arm, score)
+  redis.call('HINCRBYFLOAT', KEYS[3], 'sumsq:' .. arm, score * score)
+end
+if ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[3], 'label:' .. arm .. ':' .. ARGV[3], 1) end
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+return {1, arm}
+"""
+
+FEEDBACK_STORED, FEEDBACK_UNKNOWN, FEEDBACK_DUPLICATE = 1, 0, 2
+
+
+class CanaryStore:
+    """State, events and lease of one deployment's canary."""
+
+    def __init__(self, url: str, keys: Keys, *, socket_timeout: float, events_maxlen: int = 10_000) -> None:
+        self.keys = keys
+        self._redis = connect(url, socket_timeout=socket_timeout)
+        self._events_maxlen = events_maxlen
+        self._commit = self._redis.register_script(_COMMIT)
+        self._lease = self._redis.register_script(_LEASE)
+        self._release = self._redis.register_script(_RELEASE)
+        self._feedback = self._redis.register_script(_FEEDBACK)
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.keys.tag}:canary:state"
+
+    @property
+    def events_key(self) -> str:
+        return f"{self.keys.tag}:canary:events"
+
+    @property
+    def lease_key(self) -> str:
+        return f"{self.keys.tag}:canary:lease"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.keys.tag}:canary"
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def state(self) -> CanaryState | None:
+        raw = await self._call(self._redis.get(self.state_key))
+        return None if raw is None else CanaryState.from_dict(orjson.loads(raw))
+
+    async def create(self, state: CanaryState) -> bool:
+        """Store the initial state unless one exists (every replica may try; one wins)."""
+        return bool(await self._call(self._redis.set(self.state_key, orjson.dumps(state.as_dict()), nx=True)))
+
+    async def commit(self, transition: Transition) -> bool:
+        """Write the new state if nobody changed it meanwhile; append the event and announce it."""
+        event = {**transition.event(), "time": time.time(), "version": transition.after.version}
+        done = await self._call(
+            self._commit(
+                keys=[self.state_key, self.events_key],
+                args=[
+                    transition.before.version,
+                    orjson.dumps(transition.after.as_dict()),
+                    orjson.dumps(event),
+                    self._events_maxlen,
+                    self.channel,
+                ],
+            )
+        )
+        return bool(done)
+
+    async def events(self, count: int = 50) -> list[dict[str, Any]]:
+        entries = await self._call(self._redis.xrevrange(self.events_key, count=count))
+        return [{"id": entry_id.decode(), **orjson.loads(fields[b"event"])} for entry_id, fields in entries]
+
+    async def hold_lease(self, holder: str, ttl_ms: int) -> bool:
+        """Take the controller lease or extend it; False while another live process holds it."""
+        return bool(await self._call(self._lease(keys=[self.lease_key], args=[holder, ttl_ms])))
+
+    async def release_lease(self, holder: str) -> None:
+        await self._call(self._release(keys=[self.lease_key], args=[holder]))
+
+    async def lease_holder(self) -> str | None:
+        raw = await self._call(self._redis.get(self.lease_key))
+        return None if raw is None else raw.decode()
+
+    def pubsub(self) -> Any:
+        return self._redis.pubsub(ignore_subscribe_messages=True)
+
+    async def add_feedback(
+        self, request_id: str, *, score: float | None, label: str | None, window: int, ttl: int
+    ) -> tuple[int, str]:
+        """Join feedback to the arm that served the request; (FEEDBACK_*, arm)."""
+        keys = [
+            f"{self.keys.tag}:served:{request_id}",
+            f"{self.keys.tag}:fbseen:{request_id}",
+            f"{self.keys.tag}:fb:{window}",
+        ]
+        code, arm = await self._call(
+            self._feedback(keys=keys, args=[ttl, "" if score is None else repr(score), label or ""])
+        )
+        return int(code), arm.decode() if isinstance(arm, bytes) else str(arm)
+
+    async def feedback(self, windows: list[int]) -> dict[str, float]:
+        """Merged feedback counters over the given windows."""
+        pipe = self._redis.pipeline(transaction=False)
+        for window in windows:
+            pipe.hgetall(f"{self.keys.tag}:fb:{window}")
+        total: dict[str, float] = {}
+        for reply in await self._call(pipe.execute()):
+            for key, value in reply.items():
+                total[key.decode()] = total.get(key.decode(), 0.0) + float(value)
+        return total
