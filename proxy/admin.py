@@ -199,6 +199,17 @@ async def canary_verdict(request: web.Request) -> web.Response:
     verdict = overall_outcome(list(outcomes.values()))
     if request.query.get("format") == "text":
         return web.Response(text=f"{RESULT[verdict]:g}\n")
+    if request.query.get("format") == "prometheus":
+        # Scraped as a Prometheus target, so Flagger's prometheus provider can gate on it.
+        lines = [
+            "# HELP shadow_proxy_verdict_result Comparator verdict: 1 pass, 0.5 inconclusive, 0 fail.",
+            "# TYPE shadow_proxy_verdict_result gauge",
+            f"shadow_proxy_verdict_result {RESULT[verdict]:g}",
+            "# HELP shadow_proxy_verdict_pairs Pairs behind the verdict.",
+            "# TYPE shadow_proxy_verdict_pairs gauge",
+            f"shadow_proxy_verdict_pairs {pairs}",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", headers={"Content-Type": "text/plain; version=0.0.4"})
     return _json(
         {
             "result": RESULT[verdict],

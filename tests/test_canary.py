@@ -254,10 +254,13 @@ async def test_canary_api_requires_the_token_and_records_the_actor(upstreams, pr
             verdict = await resp.json()
         async with client.get(f"{url}/verdict?format=text") as resp:
             text = await resp.text()
+        async with client.get(f"{url}/verdict?format=prometheus") as resp:
+            exposition = await resp.text()
     assert status["state"]["weight"] == 0.25 and status["state"]["status"] == "paused"
     assert status["history"][0]["actor"] == "ann" and status["history"][0]["reason"] == "try a quarter"
     assert verdict["result"] in (0.0, 0.5, 1.0) and verdict["verdict"] == "inconclusive"
     assert text.strip() == "0.5"
+    assert "\nshadow_proxy_verdict_result 0.5\n" in exposition
     assert b"s3cret" not in b"".join(v for _, f in redis_client.xrange("{shadow}:canary:events") for v in f.values())
 
 
