@@ -11,7 +11,7 @@ import numpy as np
 from scipy import stats
 
 from ..config import CompareConfig
-from .aggregate import merge, quantiles
+from .aggregate import MAPPING, merge, quantiles
 from .store import WindowData
 from .verdict import Gate, correct_segments, evaluate, overall
 
@@ -83,6 +83,41 @@ def summary(counters: dict[str, float]) -> dict[str, Any]:
             "tool_call_agreement": _rate(counters.get("tool_match", 0), counters.get("tool_n", 0)),
         },
     }
+
+
+ARMS = (("incumbent", "inc"), ("candidate", "cand"))
+
+
+def timeseries(windows: Sequence[WindowData]) -> list[dict[str, Any]]:
+    """Per window (all segments merged): latency quantiles per arm, error and divergence rates, cost."""
+    by_window: dict[int, list[dict[str, float]]] = defaultdict(list)
+    for data in windows:
+        by_window[data.window].append(data.counters)
+    points = []
+    for window in sorted(by_window):
+        c = merge(by_window[window])
+        n = c.get("n", 0)
+        point: dict[str, Any] = {"window": window, "pairs": int(n)}
+        for arm, key in ARMS:
+            point[f"latency_ms.{arm}"] = quantiles(c, "lat", key)
+            point[f"error_rate.{arm}"] = _rate(_count(c, f"out:{key}:"), n)
+            cost_n = c.get(f"cost_n:{key}", 0)
+            point[f"cost_per_1k.{arm}"] = round(c.get(f"cost:{key}", 0) / cost_n * 1000, 6) if cost_n else None
+        point["divergence_rate.candidate"] = _rate(c.get("div", 0), c.get("div_n", 0))
+        point["divergence_rate.noise"] = _rate(c.get("aa:div", 0), c.get("aa:div_n", 0))
+        points.append(point)
+    return points
+
+
+def distribution(counters: dict[str, float], name: str, arm: str) -> list[list[float]]:
+    """[value_ms, count] per DDSketch bucket, ascending: the shape of a latency distribution."""
+    prefix = f"sk:{name}:{arm}:"
+    buckets = [
+        (0.0 if k[len(prefix) :] == "z" else MAPPING.value(int(k[len(prefix) :])), v)
+        for k, v in counters.items()
+        if k.startswith(prefix) and v > 0
+    ]
+    return [[round(value, 3), int(count)] for value, count in sorted(buckets)]
 
 
 def _drift(windows: Sequence[WindowData], threshold_pct: float) -> list[dict[str, Any]]:
@@ -193,6 +228,8 @@ def build(
             for s, g in zip(segment_reports, segment_gates, strict=True)
         ],
         "drift": _drift(windows, cfg.drift_threshold_pct),
+        "timeseries": timeseries(windows),
+        "distributions": {"latency_ms": {arm: distribution(total, "lat", key) for arm, key in ARMS}},
         "examples": ranked,
         "notes": [
             "Shadow answers never reach users: divergence compares outputs, not user satisfaction.",
