@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import sys
 import time
 from collections.abc import Sequence
@@ -126,6 +128,16 @@ def _pin_free_ports(config: Config) -> Config:
 
 
 def _run_workers(config: Config) -> int:
+    # Workers write their metrics to files here; /metrics in any worker adds them all up.
+    metrics_dir = tempfile.mkdtemp(prefix="shadow-proxy-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return _spawn_workers(config)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _spawn_workers(config: Config) -> int:
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(target=worker_main, args=(config,), name=f"worker-{i}") for i in range(config.proxy.workers)

@@ -18,6 +18,7 @@ from .comparator.service import report_from
 from .comparator.store import AggregateReader
 from .comparator.verdict import overall_outcome
 from .config import parse_duration
+from .exposition import redis_families, registry_for_scrape
 from .runtime import Runtime
 from .store import Keys, StoreUnavailable
 
@@ -71,9 +72,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition, in the format the scraper asks for (text or OpenMetrics)."""
+    """Prometheus exposition (text or OpenMetrics, as the scraper asks): all workers' metrics plus
+    the comparator and verdict state read from Redis at scrape time."""
+    runtime = request.app[RUNTIME]
+    reader = request.app[READER].reader
+    snapshot = await redis_families(reader, runtime.config.compare.group) if reader is not None else []
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = encoder(request.app[RUNTIME].metrics.registry)
+    body = encoder(registry_for_scrape(runtime.metrics, snapshot))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -284,6 +284,8 @@ class Forwarder:
     def _account(self, exchange: Exchange, live: ArmCapture) -> None:
         code = live.status if exchange.response_status is None else exchange.response_status
         self.metrics.requests.labels(live.upstream, exchange.route, str(code or 0)).inc()
+        if live.start:
+            self.metrics.overhead.observe(live.start - exchange.received)
         if live.error is not None:
             self.metrics.upstream_errors.labels(live.upstream, "live", live.error).inc()
         elif live.end is not None:

@@ -35,6 +35,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.overhead = Histogram(
+            "shadow_proxy_overhead_seconds",
+            "Time the proxy spends on a request before sending it upstream (body read, routing, mirror start).",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0),
+            registry=r,
+        )
         self.rejected = Counter(
             "shadow_proxy_requests_rejected",
             "Requests refused by the proxy itself, by reason.",
@@ -65,7 +71,11 @@ class Metrics:
             registry=r,
         )
         self.mirrors_in_flight = Gauge(
-            "shadow_proxy_mirrors_in_flight", "Mirrors running now, by target.", ["target"], registry=r
+            "shadow_proxy_mirrors_in_flight",
+            "Mirrors running now, by target.",
+            ["target"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.records_queued = Counter(
             "shadow_proxy_records_queued", "Records accepted into the write queue.", registry=r
@@ -82,7 +92,9 @@ class Metrics:
             "Failed batch writes to Redis (the batch is retried).",
             registry=r,
         )
-        self.record_queue_depth = Gauge("shadow_proxy_record_queue_depth", "Records waiting to be written.", registry=r)
+        self.record_queue_depth = Gauge(
+            "shadow_proxy_record_queue_depth", "Records waiting to be written.", registry=r, multiprocess_mode="livesum"
+        )
         self.canary_weight = Gauge(
             "shadow_proxy_canary_weight",
             "Share of users the candidate serves (0..1), as this process sees it.",
@@ -95,7 +107,9 @@ class Metrics:
             ["arm", "result"],
             registry=r,
         )
-        self.record_queue_bytes = Gauge("shadow_proxy_record_queue_bytes", "Bytes held by records waiting.", registry=r)
+        self.record_queue_bytes = Gauge(
+            "shadow_proxy_record_queue_bytes", "Bytes held by records waiting.", registry=r, multiprocess_mode="livesum"
+        )
 
     def value(self, name: str, **labels: str) -> float:
         """One sample's current value (0 when absent): for tests and the readiness report."""

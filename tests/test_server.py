@@ -128,7 +128,7 @@ async def test_sigterm_finishes_in_flight_requests_and_flushes_records(upstreams
 
 
 async def test_workers_share_one_port(upstreams, serve, redis_url) -> None:
-    """--workers 2 runs two processes listening on the same port; both exit cleanly on SIGTERM."""
+    """--workers 2: two processes on one port, metrics summed across them, both exit cleanly on SIGTERM."""
     incumbent = await upstreams(echo)
     port, admin = free_port(), free_port()
     process = serve(
@@ -156,6 +156,11 @@ async def test_workers_share_one_port(upstreams, serve, redis_url) -> None:
         for _ in range(20):
             async with client.get(f"http://127.0.0.1:{port}/x", headers={"Connection": "close"}) as resp:
                 assert resp.status == 200
+        # Whichever worker answers the scrape, /metrics counts the requests of both.
+        for _ in range(4):
+            async with client.get(f"http://127.0.0.1:{admin}/metrics", headers={"Connection": "close"}) as resp:
+                text = await resp.text()
+            assert 'shadow_proxy_requests_total{code="200",route="/*",upstream="incumbent"} 20.0' in text
     process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(process.wait, 30) == 0
 

@@ -242,6 +242,13 @@ class AggregateReader:
         values = await self._redis.mget(keys) if keys else []
         return [orjson.loads(v) for v in values if v]
 
+    async def stream_length(self) -> int:
+        return int(await self._redis.xlen(self.keys.records))
+
+    async def latest_verdict(self) -> dict[str, Any] | None:
+        raw = await self._redis.get(self.keys.verdict)
+        return None if raw is None else orjson.loads(raw)
+
     async def pending(self, group: str) -> int | None:
         try:
             info = await self._redis.xpending(self.keys.records, group)

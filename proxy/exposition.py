@@ -1,0 +1,88 @@
+"""What ``/metrics`` shows: this process's metrics (or every worker's, in multiprocess mode) plus a
+snapshot of Redis-held state taken at scrape time: comparator backlog and throughput, verdict per gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+
+from .comparator.store import AggregateReader
+from .metrics import Metrics
+from .store import StoreUnavailable
+
+OUTCOME_VALUE = {"pass": 1.0, "inconclusive": 0.5, "fail": 0.0, "skipped": -1.0}
+
+
+class _Forward(Collector):
+    """Yields another registry's metrics (this process's own)."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        return self._source.collect()
+
+
+class _Snapshot(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return iter(self._families)
+
+
+async def redis_families(reader: AggregateReader, group: str, within: float = 1.0) -> list[Metric]:
+    """Comparator and verdict state read from Redis; empty (and counted as such) when Redis does not answer."""
+    up = GaugeMetricFamily("shadow_proxy_redis_snapshot_ok", "Whether the scrape could read comparator state.")
+    try:
+        async with asyncio.timeout(within):
+            pending = await reader.pending(group)
+            length = await reader.stream_length()
+            workers = await reader.workers()
+            verdict = await reader.latest_verdict()
+    except (RedisError, OSError, TimeoutError, StoreUnavailable):
+        up.add_metric([], 0.0)
+        return [up]
+    up.add_metric([], 1.0)
+    families: list[Metric] = [up]
+    backlog = GaugeMetricFamily("shadow_proxy_comparator_pending", "Records delivered to comparators, not acked.")
+    backlog.add_metric([], float(pending or 0))
+    stream = GaugeMetricFamily("shadow_proxy_records_stream_length", "Entries in the records stream.")
+    stream.add_metric([], float(length))
+    applied = CounterMetricFamily(
+        "shadow_proxy_comparator_applied", "Records applied by each live comparator.", labels=["consumer"]
+    )
+    for worker in workers:
+        applied.add_metric([str(worker.get("consumer"))], float(worker.get("applied", 0)))
+    families += [backlog, stream, applied]
+    if verdict:
+        gates = GaugeMetricFamily(
+            "shadow_proxy_verdict_gate",
+            "Latest stored verdict per gate: 1 pass, 0.5 inconclusive, 0 fail, -1 skipped.",
+            labels=["gate"],
+        )
+        for gate in verdict.get("verdict", {}).get("gates", []):
+            gates.add_metric([gate["name"]], OUTCOME_VALUE.get(gate["outcome"], 0.5))
+        overall = GaugeMetricFamily("shadow_proxy_verdict", "Latest stored overall verdict (same values).")
+        overall.add_metric([], OUTCOME_VALUE.get(verdict.get("verdict", {}).get("outcome", ""), 0.5))
+        families += [gates, overall]
+    return families
+
+
+def registry_for_scrape(metrics: Metrics, snapshot: list[Metric]) -> CollectorRegistry:
+    """A registry for one scrape: every worker's metrics in multiprocess mode, else this process's."""
+    registry = CollectorRegistry(auto_describe=False)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_Forward(metrics.registry))
+    registry.register(_Snapshot(snapshot))
+    return registry
