@@ -9,8 +9,8 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     canary.add_argument("--reason", default="manual", help="why (kept in the event history)")
     canary.add_argument("--actor", default=None, help="who (default: $USER@host)")
     canary.add_argument("--json", action="store_true", help="print JSON")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run everything locally and show the report",
+        description="Embedded Redis, two sample model servers, the proxy, a comparator and traffic; "
+        "then the report and the dashboard URL.",
+    )
+    demo.add_argument("--requests", type=int, default=600, help="requests to send (default 600)")
+    demo.add_argument("--rate", type=float, default=40.0, help="requests per second (default 40)")
+    demo.add_argument(
+        "--exit", action="store_true", help="exit after the report instead of keeping the dashboard up until Ctrl-C"
+    )
 
     check = commands.add_parser(
         "check-config",
@@ -264,6 +276,21 @@ def cmd_canary(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .demo import run_demo
+
+    logs.configure("warning", "console")
+    if args.requests < 1 or args.rate <= 0:
+        raise ConfigError("--requests must be at least 1 and --rate above 0")
+    try:
+        uvloop.run(run_demo(requests=args.requests, rate=args.rate, keep_running=not args.exit, console=Console()))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     sys.stdout.buffer.write(orjson.dumps(masked(config), option=orjson.OPT_INDENT_2) + b"\n")
@@ -277,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compare": cmd_compare,
         "report": cmd_report,
         "canary": cmd_canary,
+        "demo": cmd_demo,
         "check-config": cmd_check_config,
     }
     try:

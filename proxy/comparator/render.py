@@ -50,8 +50,9 @@ def render(report: dict[str, Any], console: Console) -> None:
     )
     console.print(facts)
     gates = Table(title="Verdicts")
-    for column in ("gate", "outcome", "estimate", "interval", "threshold", "n", "rule"):
-        gates.add_column(column)
+    for column in ("gate", "outcome", "estimate", "interval", "threshold", "n"):
+        gates.add_column(column, no_wrap=True)
+    gates.add_column("rule", ratio=1)
     for g in report["verdict"]["gates"]:
         interval = "-" if not g["interval"] else f"[{g['interval'][0]:.4g}, {g['interval'][1]:.4g}]"
         rule = g["rule"] + (f"; need about {g['need_more_pairs']} more pairs" if g["need_more_pairs"] else "")
