@@ -98,6 +98,28 @@ def _parser() -> argparse.ArgumentParser:
         "--exit", action="store_true", help="exit after the report instead of keeping the dashboard up until Ctrl-C"
     )
 
+    replay = commands.add_parser(
+        "replay",
+        help="re-send recorded requests to a candidate and record the pairs",
+        description="Re-send recorded requests (the last N, or a time range) to a candidate at a chosen rate. "
+        "Each new record pairs the original incumbent answer with the candidate's answer now.",
+    )
+    replay.add_argument("--config", metavar="FILE", help="TOML config file")
+    replay.add_argument("--redis-url", metavar="URL", help="Redis holding the records (record.redis_url)")
+    replay.add_argument("--candidate", metavar="URL", help="where to send them (candidate.url)")
+    which = replay.add_mutually_exclusive_group()
+    which.add_argument("--last", type=int, metavar="N", help="the last N records (default 100)")
+    which.add_argument("--since", metavar="DURATION", help="records of the last DURATION, e.g. 15m")
+    replay.add_argument("--rate", type=float, default=10.0, help="requests per second (default 10)")
+    replay.add_argument("--concurrency", type=int, default=16, help="requests in flight at most (default 16)")
+    replay.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="add or replace a header (recorded secrets are redacted, so pass credentials here)",
+    )
+
     check = commands.add_parser(
         "check-config",
         help="validate a config file and print it resolved",
@@ -291,6 +313,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .replay import Replayer, load_entries
+
+    config = load_config(args.config, overrides=_overrides(args))
+    if not config.candidate.url:
+        raise ConfigError("missing config key candidate.url: pass --candidate URL or set [candidate] url")
+    headers = []
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"bad --header {item!r}: expected 'NAME: VALUE'")
+        headers.append((name.strip(), value.strip()))
+    if args.rate <= 0 or args.concurrency < 1:
+        raise ConfigError("--rate must be above 0 and --concurrency at least 1")
+    logs.configure(config.proxy.log_level, config.proxy.log_format)
+    redis_url = _redis_for_reading(config)
+    since = time.time() - parse_duration(args.since) if args.since else None
+    console = Console(stderr=True)
+    replayer = Replayer(config, redis_url, headers=headers)
+
+    async def run() -> None:
+        entries = await load_entries(config, redis_url, last=args.last, since=since)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
+            bar = progress.add_task("replay", total=len(entries))
+            await replayer.run(
+                entries, rate=args.rate, concurrency=args.concurrency, on_done=lambda: progress.advance(bar)
+            )
+
+    interrupted = False
+    try:
+        uvloop.run(run())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        interrupted = True
+    p = replayer.progress
+    state = "stopped" if interrupted else "done"
+    print(
+        f"replay {state} (session {replayer.session}): {p.sent} of {p.total} sent, {p.recorded} recorded, "
+        f"{p.failed} failed, skipped {p.skipped or 0}; last entry {p.last_entry or '-'}"
+    )
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     sys.stdout.buffer.write(orjson.dumps(masked(config), option=orjson.OPT_INDENT_2) + b"\n")
@@ -305,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": cmd_report,
         "canary": cmd_canary,
         "demo": cmd_demo,
+        "replay": cmd_replay,
         "check-config": cmd_check_config,
     }
     try:

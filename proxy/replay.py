@@ -1,0 +1,173 @@
+"""``shadow-proxy replay``: re-send recorded requests to a candidate and record the new pairs.
+
+Each replayed record keeps the original live arm (what the incumbent answered then) and gets a new
+shadow arm from the candidate now; its request id is ``replay:<session>:<original id>`` and its meta
+says which entry it replays. Requests whose recorded body was truncated, or whose headers were
+redacted, cannot be replayed faithfully: the first are skipped and counted, redacted headers are
+dropped (pass credentials the candidate needs with ``--header``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .config import Config
+from .exchange import ArmCapture, now
+from .headers import end_to_end
+from .redaction import Redactor
+from .store import Keys, RecordStore, connect
+from .upstream import Upstream, classify
+
+_SKIP_HEADERS = frozenset({"host", "content-length", "x-request-id"})
+
+
+@dataclass(slots=True)
+class ReplayProgress:
+    total: int = 0
+    sent: int = 0
+    recorded: int = 0
+    failed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    last_entry: str | None = None
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+async def load_entries(config: Config, redis_url: str, *, last: int | None, since: float | None) -> list[Any]:
+    """Records to replay, oldest first: the last N, or everything since a Unix time."""
+    redis = connect(redis_url, socket_timeout=config.record.socket_timeout)
+    key = Keys(config.record.namespace, config.record.stream).records
+    try:
+        entries: list[Any]
+        if since is not None:
+            entries = list(await redis.xrange(key, min=f"{int(since * 1000)}-0", max="+") or [])
+        else:
+            entries = list(reversed(list(await redis.xrevrange(key, count=last or 100) or [])))
+        return entries
+    finally:
+        await redis.aclose()
+
+
+def _request(
+    fields: dict[bytes, bytes], marker: str, extra: list[tuple[str, str]]
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    meta = orjson.loads(fields[b"meta"])
+    headers = [(k, v) for k, v in meta["request"]["headers"] if v != marker and k not in _SKIP_HEADERS]
+    names = {k.lower() for k, _ in extra}
+    return meta, [*end_to_end((k, v) for k, v in headers if k.lower() not in names), *extra]
+
+
+class Replayer:
+    """Sends recorded requests to one upstream at a fixed rate and records the pairs."""
+
+    def __init__(self, config: Config, redis_url: str, *, headers: list[tuple[str, str]]) -> None:
+        record = config.record
+        self._config = config
+        self._upstream = Upstream("candidate", config.candidate)
+        self._store = RecordStore(
+            redis_url, Keys(record.namespace, record.stream), maxlen=record.maxlen, socket_timeout=record.socket_timeout
+        )
+        self._redactor = Redactor(record)
+        self._headers = headers
+        self.session = uuid.uuid4().hex[:8]
+        self.progress = ReplayProgress()
+
+    async def run(
+        self, entries: list[Any], *, rate: float, concurrency: int, on_done: Callable[[], None] | None = None
+    ) -> ReplayProgress:
+        self.progress.total = len(entries)
+        await self._upstream.start()
+        semaphore = asyncio.Semaphore(concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            for entry_id, fields in entries:
+                await semaphore.acquire()
+                task = asyncio.create_task(self._one(entry_id, fields, semaphore, on_done))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                await asyncio.sleep(1 / rate)
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+            await self._upstream.close()
+            await self._store.close()
+        return self.progress
+
+    async def _one(
+        self,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        semaphore: asyncio.Semaphore,
+        on_done: Callable[[], None] | None,
+    ) -> None:
+        try:
+            await self._replay(entry_id, fields)
+        finally:
+            semaphore.release()
+            self.progress.last_entry = entry_id.decode()
+            if on_done is not None:
+                on_done()
+
+    async def _replay(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            meta, headers = _request(fields, self._config.record.redact_marker, self._headers)
+        except (KeyError, ValueError):
+            self.progress.skip("unreadable")
+            return
+        if meta["request"].get("truncated"):
+            self.progress.skip("truncated_body")
+            return
+        body = fields.get(b"body.request", b"")
+        target = meta["path"] + (f"?{meta['query']}" if meta.get("query") else "")
+        arm = ArmCapture(self._upstream.name, "shadow", self._config.record.max_body_bytes, start=now())
+        origin = arm.start
+        self.progress.sent += 1
+        try:
+            response = await self._upstream.send(meta["method"], target, headers, body)
+            try:
+                arm.on_headers(response.status, list(response.headers.items()), now())
+                async for chunk in response.content.iter_any():
+                    arm.on_chunk(chunk, now())
+            finally:
+                response.release()
+            arm.finish(now())
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            arm.finish(now(), classify(exc).error)
+            self.progress.failed += 1
+        await self._record(entry_id, fields, meta, arm, origin)
+
+    async def _record(
+        self, entry_id: bytes, fields: dict[bytes, bytes], meta: dict[str, Any], arm: ArmCapture, origin: float
+    ) -> None:
+        request_id = f"replay:{self.session}:{meta['request_id']}"
+        summary = arm.summary(origin)
+        summary["headers"] = self._redactor.headers([(k, v) for k, v in summary["headers"]])
+        meta = {
+            **meta,
+            "request_id": request_id,
+            "time": time.time(),
+            "original_time": meta["time"],
+            "replay": {"of": entry_id.decode(), "session": self.session},
+            "arms": {"live": meta["arms"]["live"], "shadow": summary},
+            "shadow_skipped": None,
+        }
+        new = {k: v for k, v in fields.items() if k not in (b"body.shadow", b"body.noise")}
+        new[b"request_id"] = request_id.encode()
+        new[b"meta"] = orjson.dumps(meta)
+        new[b"body.shadow"] = self._redactor.body(arm.body, arm.truncated)
+        await self._store.append([{k.decode(): v for k, v in new.items()}])
+        self.progress.recorded += 1
