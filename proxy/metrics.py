@@ -99,8 +99,11 @@ class Metrics:
             "shadow_proxy_canary_weight",
             "Share of users the candidate serves (0..1), as this process sees it.",
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.canary_stage = Gauge("shadow_proxy_canary_stage", "Current canary stage index.", registry=r)
+        self.canary_stage = Gauge(
+            "shadow_proxy_canary_stage", "Current canary stage index.", registry=r, multiprocess_mode="livemax"
+        )
         self.feedback = Counter(
             "shadow_proxy_feedback",
             "User feedback received, by serving arm and result.",
