@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 
 from .config import Config
@@ -25,7 +24,7 @@ from .exchange import ArmCapture, now
 from .headers import end_to_end
 from .redaction import Redactor
 from .store import Keys, RecordStore, connect
-from .upstream import Upstream, classify
+from .upstream import Upstream
 
 _SKIP_HEADERS = frozenset({"host", "content-length", "x-request-id"})
 
@@ -136,17 +135,7 @@ class Replayer:
         arm = ArmCapture(self._upstream.name, "shadow", self._config.record.max_body_bytes, start=now())
         origin = arm.start
         self.progress.sent += 1
-        try:
-            response = await self._upstream.send(meta["method"], target, headers, body)
-            try:
-                arm.on_headers(response.status, list(response.headers.items()), now())
-                async for chunk in response.content.iter_any():
-                    arm.on_chunk(chunk, now())
-            finally:
-                response.release()
-            arm.finish(now())
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            arm.finish(now(), classify(exc).error)
+        if await self._upstream.capture(arm, meta["method"], target, headers, body) is not None:
             self.progress.failed += 1
         await self._record(entry_id, fields, meta, arm, origin)
 

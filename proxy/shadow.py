@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import structlog
 
 from .config import ShadowConfig
 from .exchange import ArmCapture, Exchange, now
 from .metrics import Metrics
-from .upstream import Upstream, classify
+from .upstream import Upstream
 
 log = structlog.get_logger("shadow_proxy.shadow")
 
@@ -64,20 +63,11 @@ class ShadowDispatcher:
         self, exchange: Exchange, arm: ArmCapture, raw_path_qs: str, headers: list[tuple[str, str]]
     ) -> None:
         try:
-            response = await self.upstream.send(exchange.method, raw_path_qs, headers, exchange.body)
-            try:
-                arm.on_headers(response.status, list(response.headers.items()), now())
-                async for chunk in response.content.iter_any():
-                    arm.on_chunk(chunk, now())
-            finally:
-                response.release()
-            arm.finish(now())
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            failure = classify(exc)
-            arm.finish(now(), failure.error)
-            self._metrics.mirrors_failed.labels(self.target, failure.error).inc()
-            self._metrics.upstream_errors.labels(self.upstream.name, arm.role, failure.error).inc()
-            log.info("mirror_failed", error=failure.error, detail=failure.detail)
+            failure = await self.upstream.capture(arm, exchange.method, raw_path_qs, headers, exchange.body)
+            if failure is not None:
+                self._metrics.mirrors_failed.labels(self.target, failure.error).inc()
+                self._metrics.upstream_errors.labels(self.upstream.name, arm.role, failure.error).inc()
+                log.info("mirror_failed", error=failure.error, detail=failure.detail)
         except asyncio.CancelledError:
             arm.finish(now(), "cancelled_at_shutdown")
             self._metrics.mirrors_failed.labels(self.target, "cancelled_at_shutdown").inc()

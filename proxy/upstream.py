@@ -13,6 +13,7 @@ import aiohttp
 from yarl import URL
 
 from .config import UpstreamConfig
+from .exchange import ArmCapture, now
 
 # aiohttp adds these when absent; a transparent proxy sends only what the client sent.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
@@ -99,6 +100,25 @@ class Upstream:
             data=body or None,
             allow_redirects=False,
         )
+
+    async def capture(
+        self, arm: ArmCapture, method: str, raw_path_qs: str, headers: list[tuple[str, str]], body: bytes
+    ) -> Failure | None:
+        """Send a request whose answer nobody waits for, read it to the end into ``arm``; the failure, if any."""
+        try:
+            response = await self.send(method, raw_path_qs, headers, body)
+            try:
+                arm.on_headers(response.status, list(response.headers.items()), now())
+                async for chunk in response.content.iter_any():
+                    arm.on_chunk(chunk, now())
+            finally:
+                response.release()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            failure = classify(exc)
+            arm.finish(now(), failure.error)
+            return failure
+        arm.finish(now())
+        return None
 
     async def probe(self, within: float) -> tuple[bool, str]:
         """Readiness: GET the health path when configured, else open a TCP connection."""
