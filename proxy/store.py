@@ -68,6 +68,15 @@ class Keys:
     def worker(self, consumer: str) -> str:
         return f"{self.tag}:worker:{consumer}"
 
+    def served(self, request_id: str) -> str:
+        return f"{self.tag}:served:{request_id}"
+
+    def feedback_seen(self, request_id: str) -> str:
+        return f"{self.tag}:fbseen:{request_id}"
+
+    def feedback(self, window: int) -> str:
+        return f"{self.tag}:fb:{window}"
+
 
 def connect(url: str, *, socket_timeout: float) -> aioredis.Redis:
     """A client with pinned behaviour: RESP2 replies, bytes, explicit timeouts, no hidden retries.
@@ -102,7 +111,7 @@ class RecordStore:
             pipe.xadd(self.keys.records, fields, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
             if self._served_ttl:
                 # Which arm served this request, so user feedback can be joined to it later.
-                served = f"{self.keys.tag}:served:{fields['request_id'].decode()}"
+                served = self.keys.served(fields["request_id"].decode())
                 pipe.set(served, fields["served_by"], ex=self._served_ttl)
         try:
             await pipe.execute()

@@ -21,6 +21,7 @@ import redis
 from aiohttp import web
 
 from proxy.canary.controller import Controller
+from proxy.comparator.service import load_report
 from proxy.comparator.worker import Worker
 from proxy.embedded_redis import free_port
 
@@ -219,10 +220,15 @@ async def test_feedback_joins_to_the_arm_that_served(upstreams, proxies, redis_u
         async with client.post(f"{base}/_shadow/feedback", data=b"not json") as resp:
             assert resp.status == 400
     assert proxy.runtime.canary is not None
-    window = int(time.time())
-    counters = await proxy.runtime.canary.store.feedback(list(range(window - 60, window + 2)))
+    counters = await proxy.runtime.canary.controller.reader.feedback(time.time() - 60, time.time(), 1)
     expected = {arm: sum(1 for a in served.values() if a == arm) for arm in ("incumbent", "candidate")}
     assert {arm: counters.get(f"scored:{arm}") for arm in expected} == {k: float(v) for k, v in expected.items()}
+    config = make_config(record={"redis_url": redis_url}, compare=FAST)
+    report = await load_report(config, redis_url, since_seconds=600)
+    satisfaction = report["summary"]["satisfaction"]
+    assert {arm: satisfaction[arm]["scored"] for arm in expected} == expected
+    assert satisfaction["candidate"]["mean_score"] == 0.8
+    assert any("User feedback only compares arms" in note for note in report["notes"])
 
 
 async def test_canary_api_requires_the_token_and_records_the_actor(upstreams, proxies, redis_url, redis_client) -> None:

@@ -65,9 +65,7 @@ class Controller:
         windows = await self.reader.load(state.stage_started, now, compare.examples_per_window)
         report = build(windows, await self.reader.segments(), compare, since=state.stage_started, until=now)
         gates = {g["name"]: g for g in report["verdict"]["gates"]}
-        stage = self.policy.stages[min(state.stage, len(self.policy.stages) - 1)]
-        if "satisfaction" in stage.gates:
-            gates["satisfaction"] = (await self._satisfaction(state, now)).as_dict()
+        gates["satisfaction"] = (await self._satisfaction(state, now)).as_dict()
         pairs = int(report["summary"]["pairs"])
         evidence = {
             "pairs": pairs,
@@ -83,10 +81,7 @@ class Controller:
         return {name: g["outcome"] for name, g in gates.items()}, pairs, evidence
 
     async def _satisfaction(self, state: CanaryState, now: float) -> Any:
-        step = self.config.compare.window_seconds
-        first = int(state.stage_started // step) * step
-        windows = list(range(first, int(now // step) * step + step, step))
-        feedback = await self.store.feedback(windows)
+        feedback = await self.reader.feedback(state.stage_started, now, self.config.compare.window_seconds)
         canary = self.config.canary
         return satisfaction_gate(
             feedback, self.config.compare.gates, min_feedback=canary.min_feedback, drop_max=canary.satisfaction_drop_max

@@ -156,23 +156,8 @@ class CanaryStore:
         self, request_id: str, *, score: float | None, label: str | None, window: int, ttl: int
     ) -> tuple[int, str]:
         """Join feedback to the arm that served the request; (FEEDBACK_*, arm)."""
-        keys = [
-            f"{self.keys.tag}:served:{request_id}",
-            f"{self.keys.tag}:fbseen:{request_id}",
-            f"{self.keys.tag}:fb:{window}",
-        ]
+        keys = [self.keys.served(request_id), self.keys.feedback_seen(request_id), self.keys.feedback(window)]
         code, arm = await self._call(
             self._feedback(keys=keys, args=[ttl, "" if score is None else repr(score), label or ""])
         )
         return int(code), arm.decode() if isinstance(arm, bytes) else str(arm)
-
-    async def feedback(self, windows: list[int]) -> dict[str, float]:
-        """Merged feedback counters over the given windows."""
-        pipe = self._redis.pipeline(transaction=False)
-        for window in windows:
-            pipe.hgetall(f"{self.keys.tag}:fb:{window}")
-        total: dict[str, float] = {}
-        for reply in await self._call(pipe.execute()):
-            for key, value in reply.items():
-                total[key.decode()] = total.get(key.decode(), 0.0) + float(value)
-        return total

@@ -13,7 +13,7 @@ from scipy import stats
 from ..config import CompareConfig
 from .aggregate import MAPPING, merge, quantiles
 from .store import WindowData
-from .verdict import Gate, correct_segments, evaluate, overall
+from .verdict import Gate, correct_segments, evaluate, overall, satisfaction_gate
 
 REPORT_VERSION = 1
 
@@ -120,6 +120,28 @@ def distribution(counters: dict[str, float], name: str, arm: str) -> list[list[f
     return [[round(value, 3), int(count)] for value, count in sorted(buckets)]
 
 
+def satisfaction_summary(feedback: dict[str, float], confidence: float) -> dict[str, Any]:
+    """Per arm: feedback count, scored count, mean score with a t interval, and label counts."""
+    arms: dict[str, Any] = {}
+    for arm in ("incumbent", "candidate"):
+        n = int(feedback.get(f"scored:{arm}", 0))
+        mean = feedback.get(f"sum:{arm}", 0.0) / n if n else None
+        interval = None
+        if n > 1 and mean is not None:
+            variance = max((feedback.get(f"sumsq:{arm}", 0.0) - n * mean**2) / (n - 1), 0.0)
+            half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * (variance / n) ** 0.5
+            interval = [round(mean - half, 6), round(mean + half, 6)]
+        prefix = f"label:{arm}:"
+        arms[arm] = {
+            "feedback": int(feedback.get(f"n:{arm}", 0)),
+            "scored": n,
+            "mean_score": None if mean is None else round(mean, 6),
+            "interval": interval,
+            "labels": {k[len(prefix) :]: int(v) for k, v in feedback.items() if k.startswith(prefix)},
+        }
+    return arms
+
+
 def _drift(windows: Sequence[WindowData], threshold_pct: float) -> list[dict[str, Any]]:
     """Each key metric per window, flagged when the last third of the range differs from the first."""
     by_window: dict[int, list[dict[str, float]]] = defaultdict(list)
@@ -191,6 +213,9 @@ def build(
     until: float,
     segment_filter: dict[str, str] | None = None,
     examples: int = 10,
+    feedback: dict[str, float] | None = None,
+    min_feedback: int = 30,
+    satisfaction_drop_max: float = 0.05,
 ) -> dict[str, Any]:
     """The full report for the windows in range (optionally only segments matching the filter)."""
     if segment_filter:
@@ -201,6 +226,10 @@ def build(
     total = merge(w.counters for w in windows)
     all_pairs = [p for w in windows for p in w.pairs]
     gates = evaluate(total, all_pairs, cfg.gates)
+    satisfaction = satisfaction_gate(
+        feedback or {}, cfg.gates, min_feedback=min_feedback, drop_max=satisfaction_drop_max
+    )
+    gates.append(satisfaction)
     segment_reports: list[dict[str, Any]] = []
     segment_gates: list[list[Gate]] = []
     for segment_id, items in sorted(by_segment.items()):
@@ -221,7 +250,7 @@ def build(
         "version": REPORT_VERSION,
         "generated_at": time.time(),
         "range": {"since": since, "until": until, "windows": len({w.window for w in windows})},
-        "summary": summary(total),
+        "summary": {**summary(total), "satisfaction": satisfaction_summary(feedback or {}, cfg.gates.confidence)},
         "verdict": {"outcome": overall(gates), "gates": [g.as_dict() for g in gates]},
         "segments": [
             {**s, "verdict": overall(g), "gates": [gate.as_dict() for gate in g]}
@@ -234,6 +263,8 @@ def build(
         "notes": [
             "Shadow answers never reach users: divergence compares outputs, not user satisfaction.",
             "Divergence excludes pairs where either arm failed; those count as errors.",
+            "User feedback only compares arms while the candidate serves some users (canary stages): "
+            "during shadowing every answer users saw came from the incumbent.",
         ],
     }
 

@@ -19,6 +19,7 @@ async def report_from(
     since = until - since_seconds
     # A window is included when it starts inside the range (or is the one in progress at its start).
     windows = await reader.load(since - config.compare.window_seconds, until, config.compare.examples_per_window)
+    feedback = await reader.feedback(since, until, config.compare.window_seconds)
     report = build(
         windows,
         await reader.segments(),
@@ -27,6 +28,9 @@ async def report_from(
         until=until,
         segment_filter=segment_filter,
         examples=config.compare.examples_per_window,
+        feedback=feedback,
+        min_feedback=config.canary.min_feedback,
+        satisfaction_drop_max=config.canary.satisfaction_drop_max,
     )
     report["workers"] = await reader.workers()
     report["pending"] = await reader.pending(config.compare.group)

@@ -242,6 +242,18 @@ class AggregateReader:
         values = await self._redis.mget(keys) if keys else []
         return [orjson.loads(v) for v in values if v]
 
+    async def feedback(self, since: float, until: float, step: int) -> dict[str, float]:
+        """User feedback counters (per arm) merged over the windows of [since, until]."""
+        first = int(since // step) * step
+        pipe = self._redis.pipeline(transaction=False)
+        for window in range(first, int(until // step) * step + step, step):
+            pipe.hgetall(self.keys.feedback(window))
+        total: dict[str, float] = {}
+        for reply in await pipe.execute():
+            for key, value in reply.items():
+                total[key.decode()] = total.get(key.decode(), 0.0) + float(value)
+        return total
+
     async def stream_length(self) -> int:
         return int(await self._redis.xlen(self.keys.records))
 

@@ -340,6 +340,10 @@ def satisfaction_gate(feedback: dict[str, float], cfg: GatesConfig, *, min_feedb
             var = (feedback.get(f"sumsq:{arm}", 0.0) - count * means[arm] ** 2) / max(count - 1, 1)
             variances[arm] = max(var, 0.0)
     gate.details = {"scored": n, "means": means}
+    if not any(n.values()):
+        gate.outcome = SKIPPED
+        gate.rule = "no scored feedback in range (it compares arms only while the candidate serves users)"
+        return gate
     if min(n.values()) < min_feedback:
         gate.rule = f"fewer than {min_feedback} scored answers per arm"
         gate.need_more_pairs = min_feedback - min(n.values())
