@@ -98,6 +98,20 @@ def test_unknown_environment_section_is_an_error() -> None:
         load_config(None, environ={"SHADOW_PROXY_SHADDOW_SAMPLE_RATE": "1"})
 
 
+def test_kubernetes_service_link_variables_are_not_config() -> None:
+    """Variables Kubernetes injects for Services named shadow-proxy-* are ignored, not refused."""
+    environ = {
+        "SHADOW_PROXY_ADMIN_SERVICE_HOST": "10.0.0.5",
+        "SHADOW_PROXY_ADMIN_SERVICE_PORT": "9901",
+        "SHADOW_PROXY_ADMIN_PORT": "tcp://10.0.0.5:9901",
+        "SHADOW_PROXY_ADMIN_PORT_9901_TCP_ADDR": "10.0.0.5",
+        "SHADOW_PROXY_ADMIN_PORT_9901_TCP_PROTO": "tcp",
+        "SHADOW_PROXY_SERVICE_PORT_HTTP": "80",
+        "SHADOW_PROXY_ADMIN_LISTEN": "0.0.0.0:9901",
+    }
+    assert load_config(None, environ=environ).admin.listen == "0.0.0.0:9901"
+
+
 def test_masked_hides_token_and_redis_password() -> None:
     """The printable config never shows the admin token or a Redis password."""
     config = load_config(
