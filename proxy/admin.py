@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 from redis.exceptions import RedisError
 
+from . import dashboard
 from .canary.controller import Controller
 from .comparator.service import report_from
 from .comparator.store import AggregateReader
@@ -255,4 +256,5 @@ def admin_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/api/canary", canary_status)
     app.router.add_get("/api/canary/verdict", canary_verdict)
     app.router.add_post("/api/canary/{action}", canary_action)
+    dashboard.add_routes(app)  # GET / and /static/: the dashboard
     return app
