@@ -8,6 +8,7 @@ exactly merging sketches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -36,13 +37,19 @@ class Segment:
 
     @property
     def id(self) -> str:
-        return hashlib.blake2b(self.json(), digest_size=6).hexdigest()
+        return _segment_id(self.route, self.model, self.streaming)
 
     def json(self) -> bytes:
         return orjson.dumps({"route": self.route, "model": self.model, "streaming": self.streaming})
 
     def label(self) -> str:
         return f"{self.route} model={self.model} {'stream' if self.streaming else 'plain'}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _segment_id(route: str, model: str, streaming: bool) -> str:
+    body = orjson.dumps({"route": route, "model": model, "streaming": streaming})
+    return hashlib.blake2b(body, digest_size=6).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +75,7 @@ class Contribution:
     example: bytes | None
 
 
+# The paired values each window keeps a uniform reservoir sample of (for bootstrap intervals).
 PAIR_FIELDS = ("lat_inc", "lat_cand", "ttft_inc", "ttft_cand", "cost_inc", "cost_cand", "err_inc", "err_cand", "div")
 
 
@@ -99,7 +107,7 @@ def contribution(record: Record, settings: Settings) -> Contribution:
     if incumbent is not None and candidate is not None:
         metrics = compare(incumbent, candidate, settings.tolerance)
         _pair_counters(counters, metrics, incumbent, candidate, record, settings)
-        pair = _pair_sample(metrics, incumbent, candidate, record, settings)
+        pair = _pair_sample(metrics, incumbent, candidate, counters)
         if metrics.diverged or metrics.outcome_base != metrics.outcome_other:
             score = round(1.0 - metrics.similarity, 6) + (1.0 if metrics.outcome_base != metrics.outcome_other else 0)
             example = _example(record, metrics, incumbent, candidate)
@@ -165,7 +173,7 @@ def _noise_counters(c: dict[str, float], m: PairMetrics) -> None:
         c[f"h:sim:aa:{int(m.similarity * 100)}"] = 1
 
 
-def _pair_sample(m: PairMetrics, inc: Arm, cand: Arm, record: Record, s: Settings) -> list[float] | None:
+def _pair_sample(m: PairMetrics, inc: Arm, cand: Arm, counters: dict[str, float]) -> list[float] | None:
     if m.outcome_base is not None or m.outcome_other is not None:
         return [-1, -1, -1, -1, 0, 0, float(m.outcome_base is not None), float(m.outcome_other is not None), 0]
     if inc.duration_ms is None or cand.duration_ms is None:
@@ -175,8 +183,8 @@ def _pair_sample(m: PairMetrics, inc: Arm, cand: Arm, record: Record, s: Setting
         cand.duration_ms,
         inc.ttft_ms if inc.ttft_ms is not None else -1,
         cand.ttft_ms if cand.ttft_ms is not None else -1,
-        cost(inc.output, record.prompt_text, s.incumbent_price)[0],
-        cost(cand.output, record.prompt_text, s.candidate_price)[0],
+        counters.get("cost:inc", 0.0),
+        counters.get("cost:cand", 0.0),
         0.0,
         0.0,
         float(m.diverged),

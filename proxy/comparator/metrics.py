@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,6 @@ from rapidfuzz.distance import Levenshtein
 
 from .parse import Arm, Output
 
-_SPACE = re.compile(r"\s+")
 CHARS_PER_TOKEN = 4.0  # the usual rule of thumb for English text when no usage block is given
 
 
@@ -71,7 +69,8 @@ class PairMetrics:
 
 def normalise_text(text: str) -> str:
     """Text compared for exact match: surrounding whitespace stripped, runs of whitespace collapsed."""
-    return _SPACE.sub(" ", text).strip()
+    # str.split() splits on exactly the characters the regex \s matches, and is several times faster.
+    return " ".join(text.split())
 
 
 def text_similarity(a: str, b: str) -> float:
@@ -124,15 +123,15 @@ def json_diff(a: Any, b: Any, tol: Tolerance, path: str = "") -> Iterator[str]:
         yield path or "$"
 
 
-def _texts_equal(a: Output, b: Output) -> bool:
-    return normalise_text(a.text or "") == normalise_text(b.text or "")
-
-
-def exact_match(a: Output, b: Output, tol: Tolerance) -> tuple[bool, tuple[str, ...]]:
-    """Whether two outputs are the same answer, and which JSON fields differ."""
+def exact_match(
+    a: Output, b: Output, tol: Tolerance, texts: tuple[str, str] | None = None
+) -> tuple[bool, tuple[str, ...]]:
+    """Whether two outputs are the same answer, and which JSON fields differ (``texts``: already normalised)."""
+    norm_a, norm_b = texts or (normalise_text(a.text or ""), normalise_text(b.text or ""))
     if a.kind in ("chat", "completion") and b.kind == a.kind:
-        same = _texts_equal(a, b) and a.tool_calls == b.tool_calls
-        return same, () if same else ("text",) if not _texts_equal(a, b) else ("tool_calls",)
+        if norm_a != norm_b:
+            return False, ("text",)
+        return (True, ()) if a.tool_calls == b.tool_calls else (False, ("tool_calls",))
     if a.kind == "embedding" and b.kind == "embedding":
         same = len(a.embeddings) == len(b.embeddings) and all(
             len(x) == len(y) and all(numbers_close(p, q, tol) for p, q in zip(x, y, strict=True))
@@ -144,7 +143,7 @@ def exact_match(a: Output, b: Output, tol: Tolerance) -> tuple[bool, tuple[str, 
         return not diffs, diffs
     if a.kind == b.kind == "empty":
         return True, ()
-    same = a.kind == b.kind and _texts_equal(a, b)
+    same = a.kind == b.kind and norm_a == norm_b
     return same, () if same else ("body",)
 
 
@@ -175,7 +174,8 @@ def _delta(a: float | None, b: float | None) -> float | None:
 def compare(base: Arm, other: Arm, tol: Tolerance) -> PairMetrics:
     """Every pair metric of ``other`` measured against ``base``."""
     a, b = base.output, other.output
-    same, diffs = exact_match(a, b, tol)
+    texts = (normalise_text(a.text or ""), normalise_text(b.text or ""))
+    same, diffs = exact_match(a, b, tol, texts)
     both_text = a.text is not None and b.text is not None and a.kind == b.kind and a.kind != "embedding"
     vectors = a.embeddings and b.embeddings and len(a.embeddings) == len(b.embeddings)
     cosines = [cosine(x, y) for x, y in zip(a.embeddings, b.embeddings, strict=True)] if vectors else []
@@ -185,9 +185,7 @@ def compare(base: Arm, other: Arm, tol: Tolerance) -> PairMetrics:
         status_match=base.status == other.status,
         exact_match=same,
         field_diffs=diffs,
-        text_similarity=text_similarity(normalise_text(a.text or ""), normalise_text(b.text or ""))
-        if both_text
-        else None,
+        text_similarity=text_similarity(*texts) if both_text else None,
         token_similarity=token_similarity(a.text or "", b.text or "") if both_text else None,
         embedding_cosine=min((c for c in cosines if c is not None), default=None) if cosines else None,
         label_match=(a.label == b.label) if a.label is not None or b.label is not None else None,

@@ -7,6 +7,7 @@ Idempotency: one Lua script per (window, segment) group of a batch marks each re
 
 from __future__ import annotations
 
+import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -22,31 +23,43 @@ from .aggregate import Contribution
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 # KEYS: agg, pairs, examples zset, example data hash, windows zset, segments hash, then one seen key per record.
-# ARGV: ttl, seen_ttl, reservoir_max, examples_max, window, window member, segment id, segment json,
-#       record count, then per record: request id, counters json, pair json or "", example score or "",
-#       example json or "".
+# ARGV: ttl, seen_ttl, reservoir_max, examples_max, window, window member, segment id, segment json, and one
+#       JSON payload: {"totals": {counter: sum over the records}, "records": [[request id, counters json,
+#       pair json or "", uniform draw in [0, 1), example score or "", example json or ""], ...]}.
+# The totals are added when every record is new (the usual case); a record seen before is subtracted
+# from them, so only duplicates pay for decoding their own counters.
 _APPLY = """
 local agg, reservoir, exz, exh, windows, segments = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local ttl, seen_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rmax, emax = tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = tonumber(ARGV[9])
-local totals = {}
+local payload = cjson.decode(ARGV[9])
+local totals = payload['totals']
 local applied = 0
-for i = 1, n do
-  local base = 9 + (i - 1) * 5
+for i, record in ipairs(payload['records']) do
   if redis.call('SET', KEYS[6 + i], '1', 'NX', 'EX', seen_ttl) then
     applied = applied + 1
-    for k, v in pairs(cjson.decode(ARGV[base + 2])) do totals[k] = (totals[k] or 0) + v end
-    if ARGV[base + 3] ~= '' then redis.call('LPUSH', reservoir, ARGV[base + 3]) end
-    if ARGV[base + 4] ~= '' then
-      redis.call('ZADD', exz, ARGV[base + 4], ARGV[base + 1])
-      redis.call('HSET', exh, ARGV[base + 1], ARGV[base + 5])
+    if record[3] ~= '' then
+      -- Reservoir sampling (algorithm R): every pair of the window has the same chance to be kept.
+      local seen = redis.call('HINCRBY', agg, 'reservoir_seen', 1)
+      if seen <= rmax then
+        redis.call('RPUSH', reservoir, record[3])
+      else
+        local slot = math.floor(record[4] * seen)
+        if slot < rmax then redis.call('LSET', reservoir, slot, record[3]) end
+      end
     end
+    if record[5] ~= '' then
+      redis.call('ZADD', exz, record[5], record[1])
+      redis.call('HSET', exh, record[1], record[6])
+    end
+  else
+    for k, v in pairs(cjson.decode(record[2])) do totals[k] = totals[k] - v end
   end
 end
 if applied > 0 then
-  for k, v in pairs(totals) do redis.call('HINCRBYFLOAT', agg, k, string.format('%.17g', v)) end
-  redis.call('LTRIM', reservoir, 0, rmax - 1)
+  for k, v in pairs(totals) do
+    if v ~= 0 then redis.call('HINCRBYFLOAT', agg, k, string.format('%.17g', v)) end
+  end
   local extra = redis.call('ZCARD', exz) - emax
   if extra > 0 then
     local popped = redis.call('ZPOPMIN', exz, extra)
@@ -81,6 +94,7 @@ class ComparatorStore:
         self._limits = limits
         self._redis = connect(url, socket_timeout=socket_timeout)
         self._apply = self._redis.register_script(_APPLY)
+        self._random = random.Random()
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -131,6 +145,21 @@ class ComparatorStore:
                 self.keys.segments,
                 *(self.keys.seen(i.request_id) for i in items),
             ]
+            totals: dict[str, float] = {}
+            records = []
+            for item in items:
+                for key, value in item.counters.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                records.append(
+                    [
+                        item.request_id,
+                        orjson.dumps(item.counters).decode(),
+                        orjson.dumps(item.pair).decode() if item.pair is not None else "",
+                        self._random.random(),
+                        item.example_score if item.example_score is not None else "",
+                        item.example.decode() if item.example else "",
+                    ]
+                )
             args: list[Any] = [
                 limits.window_ttl,
                 limits.seen_ttl,
@@ -140,16 +169,8 @@ class ComparatorStore:
                 f"{window}:{segment_id}",
                 segment_id,
                 items[0].segment.json(),
-                len(items),
+                orjson.dumps({"totals": totals, "records": records}),
             ]
-            for item in items:
-                args += [
-                    item.request_id,
-                    orjson.dumps(item.counters),
-                    orjson.dumps(item.pair) if item.pair is not None else "",
-                    item.example_score if item.example_score is not None else "",
-                    item.example or "",
-                ]
             await self._apply(keys=keys, args=args, client=pipe)
         try:
             results = await pipe.execute()

@@ -108,7 +108,7 @@ class Worker:
         self.progress.reclaimed += len(claimed)
         handled = await self._process(claimed)
         entries = await self.store.read_new(self._config.batch_size, self._config.block_ms if block else 0)
-        if not entries and not block and not claimed:
+        if not entries and not block and not claimed and await self.store.pending_count() > 0:
             # Burst mode: give entries held by a dead consumer the chance to go idle and be reclaimed.
             await asyncio.sleep(min(0.2, self._config.claim_idle_ms / 1000.0))
         return handled + await self._process(entries)
