@@ -115,6 +115,8 @@ class ShadowConfig(_Section):
     methods: tuple[str, ...] = ("POST",)
     max_in_flight: int = Field(default=256, ge=1)
     max_body_bytes: ByteSize = 1024**2
+    breaker_failures: int = Field(default=20, ge=0)
+    breaker_cooldown: PositiveSeconds = 5.0
     marker_header: str = "x-shadow-request"
     marker_value: str = "1"
     drain_timeout: Seconds = 10.0

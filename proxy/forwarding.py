@@ -176,15 +176,18 @@ class Forwarder:
         )
         target = mirror.target if mirror is not None else "candidate"
         if reason is None and mirror is not None:
-            exchange.shadow = mirror.dispatch(exchange, raw_target, headers)
-            reason = None if exchange.shadow is not None else "full"
-        elif reason is not None:
-            self.metrics.mirrors_skipped.labels(target, reason).inc()
-        exchange.shadow_skipped = reason
+            exchange.shadow = mirror.dispatch(exchange, raw_target, headers)  # sets shadow_skipped if dropped
+            reason = exchange.shadow_skipped
+        else:
+            if reason is not None:
+                self.metrics.mirrors_skipped.labels(target, reason).inc()
+            exchange.shadow_skipped = reason
         # The A/A copy measures the incumbent's own run-to-run noise, on the same eligible requests.
-        if self.noise is not None and reason in (None, "no_candidate", "not_sampled", "full"):
+        if self.noise is not None and reason in (None, "no_candidate", "not_sampled", "full", "target_down"):
             if sampled("noise:" + exchange.request_id, self.noise_sample_rate):
+                skipped = exchange.shadow_skipped
                 exchange.noise = self.noise.dispatch(exchange, raw_target, headers)
+                exchange.shadow_skipped = skipped  # the noise copy's own drops are counted, not recorded
 
     async def _relay(
         self,

@@ -64,7 +64,8 @@ class Runtime:
                 keys,
                 maxlen=record.maxlen,
                 socket_timeout=record.socket_timeout,
-                served_ttl=config.canary.feedback_ttl if config.canary.feedback_path else 0,
+                # Who served each request is kept (one key per request) only while feedback can use it.
+                served_ttl=config.canary.feedback_ttl if feedback_enabled(config) else 0,
             )
             recorder = Recorder(store, record, metrics)
             canary = _canary(config, keys, metrics, cap, candidate)
@@ -114,6 +115,11 @@ class Runtime:
         if canary is not None and canary.live_candidate is not None:
             runtime.upstreams.append(canary.live_candidate)
         return runtime
+
+
+def feedback_enabled(config: Config) -> bool:
+    """Feedback compares arms only while a canary can serve users from the candidate."""
+    return config.canary.enabled and bool(config.canary.feedback_path) and config.record.enabled
 
 
 def _canary(config: Config, keys: Keys, metrics: Metrics, cap: int, candidate: Upstream | None) -> Canary:

@@ -60,6 +60,8 @@ async def test_hanging_candidate_does_not_hold_the_live_path(upstreams, proxies)
     assert proxy.runtime.shadow.in_flight == 20
     release.set()
     await eventually(lambda: proxy.runtime.shadow.in_flight == 0)
+    gauge = proxy.runtime.metrics.value("shadow_proxy_mirrors_in_flight", target="candidate")
+    assert gauge == 0
 
 
 async def test_refusing_candidate_is_counted_and_recorded(upstreams, proxies, redis_url, redis_client) -> None:
@@ -80,6 +82,30 @@ async def test_refusing_candidate_is_counted_and_recorded(upstreams, proxies, re
     for record in records(redis_client):
         assert record["meta"]["arms"]["shadow"]["error"] == "connect_error"
         assert record["meta"]["arms"]["live"]["status"] == 200
+
+
+async def test_refusing_candidate_opens_the_breaker(upstreams, proxies) -> None:
+    """After shadow.breaker_failures refused connections, mirrors are skipped as target_down, not dialled."""
+    incumbent = await upstreams(echo)
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": f"http://127.0.0.1:{free_port()}"},
+        shadow={"breaker_failures": 3, "breaker_cooldown": 60.0},
+        record={"enabled": False},
+    )
+    metrics = proxy.runtime.metrics
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):
+            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
+                assert resp.status == 200
+        await eventually(
+            lambda: metrics.value("shadow_proxy_mirrors_failed_total", target="candidate", error="connect_error") == 3
+        )
+        for _ in range(5):
+            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
+                assert resp.status == 200
+    assert metrics.value("shadow_proxy_mirrors_skipped_total", target="candidate", reason="target_down") == 5
+    assert metrics.value("shadow_proxy_mirrors_sent_total", target="candidate") == 3
 
 
 async def test_mirror_cap_drops_and_counts(upstreams, proxies, redis_url, redis_client) -> None:
