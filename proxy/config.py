@@ -137,6 +137,7 @@ class RecordConfig(_Section):
     queue_max_records: int = Field(default=10_000, ge=1)
     queue_max_bytes: ByteSize = 64 * 1024**2
     batch_size: int = Field(default=256, ge=1)
+    linger: Seconds = 0.05
     retry_interval: PositiveSeconds = 0.5
     flush_timeout: Seconds = 5.0
     socket_timeout: PositiveSeconds = 5.0

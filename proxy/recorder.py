@@ -73,6 +73,10 @@ class Recorder:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                if self._config.linger > 0 and not self._closing:
+                    # Gather a batch: one write per linger period instead of one per record keeps the
+                    # writer's work in few, short slices between live requests.
+                    await asyncio.sleep(self._config.linger)
                 continue
             batch = [item for item, _ in itertools.islice(self._queue, self._config.batch_size)]
             entries = [exchange.to_fields(self._redactor, self._config.max_body_bytes) for exchange in batch]
