@@ -422,3 +422,34 @@ async def test_controller_killed_mid_stage_resumes_after_restart(
         before["stage_started"],
         before["version"],
     )
+
+
+async def test_redis_outage_keeps_the_last_weight_and_the_live_path(upstreams, proxies, tmp_path: Path) -> None:
+    """With Redis gone, a replica keeps routing by the weight it knew, and clients see no errors."""
+    from proxy.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis", persist=False)
+    server.start()
+    try:
+        incumbent, candidate = await upstreams(echo), await upstreams(echo)
+        proxy = await proxies(
+            incumbent={"url": incumbent.url},
+            candidate={"url": candidate.url},
+            record={"redis_url": server.url, "socket_timeout": 0.5},
+            canary=_canary(stage=_stages(0.5, duration=3600), weight_poll_interval=0.2),
+        )
+        assert proxy.runtime.canary is not None and proxy.runtime.canary.weights is not None
+        await eventually(lambda: proxy.runtime.canary.weights.weight == 0.5)
+        server.stop()
+        async with aiohttp.ClientSession() as client:
+            arms = set()
+            for i in range(40):
+                async with client.post(
+                    f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}", headers={"X-User-Id": f"u{i}"}
+                ) as resp:
+                    assert resp.status == 200
+                    arms.add(resp.headers["x-served-by"])
+        assert arms == {"incumbent", "candidate"}
+        assert proxy.runtime.canary.weights.weight == 0.5
+    finally:
+        server.stop()
