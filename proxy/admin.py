@@ -6,7 +6,8 @@ import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -28,9 +29,11 @@ RUNTIME = web.AppKey("runtime", Runtime)
 
 @dataclass(slots=True)
 class ReportSource:
-    """The aggregate reader of the admin listener (None when recording is off)."""
+    """The aggregate reader of the admin listener (None when recording is off) and its last report."""
 
     reader: AggregateReader | None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    cache: dict[Any, tuple[float, Any]] = field(default_factory=dict)
 
 
 READER = web.AppKey("reader", ReportSource)
@@ -94,10 +97,20 @@ async def report(request: web.Request) -> web.Response:
     except ValueError as exc:
         return _json({"error": {"message": str(exc), "type": "bad_request"}}, 400)
     filters = {key: request.query[key] for key in ("route", "model") if key in request.query}
-    try:
-        body = await report_from(reader, runtime.config, since_seconds=since, segment_filter=filters)
-    except (RedisError, OSError) as exc:
-        return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
+    source = request.app[READER]
+    key = (since, tuple(sorted(filters.items())))
+    async with source.lock:
+        # A dashboard polls every few seconds: serve a recent report rather than rebuild it each time.
+        cached = source.cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < runtime.config.admin.report_cache_seconds:
+            return _json(cached[1])
+        try:
+            body = await report_from(
+                reader, runtime.config, since_seconds=since, segment_filter=filters, builder=runtime.reports
+            )
+        except (RedisError, OSError) as exc:
+            return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
+        source.cache = {key: (time.monotonic(), body)}
     return _json(body)
 
 
@@ -243,6 +256,7 @@ async def _reader_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     if reader is not None:
         await reader.close()
+    runtime.reports.close()
 
 
 def admin_app(runtime: Runtime) -> web.Application:

@@ -78,6 +78,7 @@ class AdminConfig(_Section):
     listen: Listen = "127.0.0.1:9901"
     token: str = ""
     health_check_timeout: PositiveSeconds = 1.0
+    report_cache_seconds: Seconds = 5.0
 
 
 class PriceConfig(_Section):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .canary.controller import Controller
 from .canary.store import CanaryStore
 from .canary.weights import WeightWatcher
+from .comparator.offload import ReportBuilder
 from .config import Config, ConfigError
 from .forwarding import CanaryRouting, Forwarder, ServingArm
 from .metrics import Metrics
@@ -44,6 +45,8 @@ class Runtime:
     forwarder: Forwarder
     shutting_down: bool = False
     upstreams: list[Upstream] = field(default_factory=list)
+    # Reports and canary evidence are built in a child process, never on this event loop.
+    reports: ReportBuilder = field(default_factory=lambda: ReportBuilder(offload=True))
 
     def dispatchers(self) -> list[ShadowDispatcher]:
         reverse = self.canary.reverse if self.canary is not None else None
@@ -68,7 +71,8 @@ class Runtime:
                 served_ttl=config.canary.feedback_ttl if feedback_enabled(config) else 0,
             )
             recorder = Recorder(store, record, metrics)
-            canary = _canary(config, keys, metrics, cap, candidate)
+            reports = ReportBuilder(offload=True)
+            canary = _canary(config, keys, metrics, cap, candidate, reports)
         elif config.canary.enabled:
             raise ConfigError("canary.enabled = true needs Redis: set record.enabled = true (the weight lives there)")
         shadow = ShadowDispatcher(candidate, config.shadow, metrics, capture_cap=cap) if candidate else None
@@ -110,6 +114,8 @@ class Runtime:
             record_cap=cap,
         )
         runtime = cls(config, metrics, incumbent, candidate, store, recorder, shadow, noise, canary, forwarder)
+        if canary is not None:
+            runtime.reports = canary.controller.builder
         runtime.upstreams = [incumbent, *(u for u in (candidate,) if u is not None)]
         runtime.upstreams += [d.upstream for d in runtime.dispatchers() if d.upstream not in runtime.upstreams]
         if canary is not None and canary.live_candidate is not None:
@@ -122,10 +128,12 @@ def feedback_enabled(config: Config) -> bool:
     return config.canary.enabled and bool(config.canary.feedback_path) and config.record.enabled
 
 
-def _canary(config: Config, keys: Keys, metrics: Metrics, cap: int, candidate: Upstream | None) -> Canary:
+def _canary(
+    config: Config, keys: Keys, metrics: Metrics, cap: int, candidate: Upstream | None, reports: ReportBuilder
+) -> Canary:
     record = config.record
     store = CanaryStore(record.redis_url, keys, socket_timeout=record.socket_timeout)
-    controller = Controller(config, record.redis_url)
+    controller = Controller(config, record.redis_url, builder=reports)
     if not config.canary.enabled or candidate is None:
         return Canary(store, controller, None, None, None)
     weights = WeightWatcher(store, metrics, poll_interval=config.canary.weight_poll_interval)

@@ -76,3 +76,22 @@ async def test_metrics_are_prometheus_text(upstreams, proxies) -> None:
             assert (await resp.text()).endswith("# EOF\n")
     assert 'shadow_proxy_requests_total{code="200",route="/*",upstream="incumbent"} 1.0' in text
     assert 'shadow_proxy_mirrors_skipped_total{reason="route_not_mirrored",target="candidate"} 1.0' in text
+
+
+async def test_reports_are_built_in_a_child_process_and_cached(upstreams, proxies, redis_url) -> None:
+    """/api/report never runs the statistics on the proxy's event loop, and a poll within the cache age
+    is answered from the last report."""
+    import multiprocessing
+
+    incumbent = await upstreams(echo)
+    proxy = await proxies(incumbent={"url": incumbent.url}, record={"redis_url": redis_url})
+    before = {p.pid for p in multiprocessing.active_children()}
+    async with aiohttp.ClientSession() as client:
+        url = f"http://127.0.0.1:{proxy.admin_port}/api/report?since=1h"
+        async with client.get(url) as resp:
+            first = await resp.json()
+        async with client.get(url) as resp:
+            second = await resp.json()
+    assert first["generated_at"] == second["generated_at"]
+    children = {p.pid for p in multiprocessing.active_children()} - before
+    assert len(children) == 1, "the report was not built in a child process"

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from ..comparator.report import build
+from ..comparator.offload import INLINE, ReportBuilder
 from ..comparator.store import AggregateReader
 from ..comparator.verdict import satisfaction_gate
 from ..config import Config
@@ -37,7 +37,9 @@ def policy_from(config: Config) -> Policy:
 class Controller:
     """Reads evidence, decides and commits; also the one entry point for operators' actions."""
 
-    def __init__(self, config: Config, redis_url: str, *, holder: str | None = None) -> None:
+    def __init__(
+        self, config: Config, redis_url: str, *, holder: str | None = None, builder: ReportBuilder = INLINE
+    ) -> None:
         keys = Keys(config.record.namespace, config.record.stream)
         self.config = config
         self.policy = policy_from(config)
@@ -45,6 +47,7 @@ class Controller:
         self.reader = AggregateReader(redis_url, keys, socket_timeout=config.record.socket_timeout)
         self.holder = holder or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.last_evidence: dict[str, Any] | None = None
+        self.builder = builder
 
     async def close(self) -> None:
         await self.store.close()
@@ -63,7 +66,9 @@ class Controller:
         """Gate outcomes and pairs over the current stage's window only."""
         compare = self.config.compare
         windows = await self.reader.load(state.stage_started, now, compare.examples_per_window)
-        report = build(windows, await self.reader.segments(), compare, since=state.stage_started, until=now)
+        report = await self.builder.build(
+            windows, await self.reader.segments(), compare, since=state.stage_started, until=now
+        )
         gates = {g["name"]: g for g in report["verdict"]["gates"]}
         gates["satisfaction"] = (await self._satisfaction(state, now)).as_dict()
         pairs = int(report["summary"]["pairs"])

@@ -7,12 +7,17 @@ from typing import Any
 
 from ..config import Config
 from ..store import Keys
-from .report import build
+from .offload import INLINE, ReportBuilder
 from .store import AggregateReader
 
 
 async def report_from(
-    reader: AggregateReader, config: Config, *, since_seconds: float, segment_filter: dict[str, str] | None = None
+    reader: AggregateReader,
+    config: Config,
+    *,
+    since_seconds: float,
+    segment_filter: dict[str, str] | None = None,
+    builder: ReportBuilder = INLINE,
 ) -> dict[str, Any]:
     """Build the report for the last `since_seconds` and store it as the latest verdict."""
     until = time.time()
@@ -20,7 +25,7 @@ async def report_from(
     # A window is included when it starts inside the range (or is the one in progress at its start).
     windows = await reader.load(since - config.compare.window_seconds, until, config.compare.examples_per_window)
     feedback = await reader.feedback(since, until, config.compare.window_seconds)
-    report = build(
+    report = await builder.build(
         windows,
         await reader.segments(),
         config.compare,

@@ -203,6 +203,10 @@ class ComparatorStore:
         await self._redis.zremrangebyscore(self.keys.windows, "-inf", cutoff)
 
 
+PAIRS_BUDGET = 50_000  # paired samples one report loads at most (the bootstraps use 2,000)
+EXAMPLE_WINDOWS = 500  # (window, segment)s whose examples one report reads
+
+
 @dataclass(frozen=True, slots=True)
 class WindowData:
     """What one (window, segment) holds."""
@@ -229,17 +233,25 @@ class AggregateReader:
         return {k.decode(): orjson.loads(v) for k, v in raw.items()}
 
     async def load(self, since: float, until: float, examples: int) -> list[WindowData]:
-        """Every (window, segment) whose window starts in [since, until]."""
+        """Every (window, segment) whose window starts in [since, until].
+
+        Bounded whatever the range: at most PAIRS_BUDGET paired samples in all (an equal share per
+        window) and examples from the EXAMPLE_WINDOWS most recent windows; counters are always complete.
+        """
         members: list[bytes] = await self._redis.zrangebyscore(self.keys.windows, since, until)  # type: ignore[assignment]
+        per_window = max(10, PAIRS_BUDGET // max(len(members), 1))
         pipe = self._redis.pipeline(transaction=False)
         parsed = []
-        for member in members:
+        for index, member in enumerate(members):
             window_text, _, segment = member.decode().partition(":")
             window = int(window_text)
             parsed.append((window, segment))
+            recent = index >= len(members) - EXAMPLE_WINDOWS
             pipe.hgetall(self.keys.aggregate(window, segment))
-            pipe.lrange(self.keys.pairs(window, segment), 0, -1)
-            pipe.zrevrange(self.keys.examples(window, segment), 0, examples - 1)
+            pipe.lrange(self.keys.pairs(window, segment), 0, per_window - 1)
+            wanted = examples if recent else 0
+            # ZREVRANGE 0 -1 would mean "all": ask for the empty range 1..0 when none are wanted.
+            pipe.zrevrange(self.keys.examples(window, segment), 0 if wanted else 1, wanted - 1 if wanted else 0)
         replies = await pipe.execute()
         found = []
         example_pipe = self._redis.pipeline(transaction=False)

@@ -26,7 +26,7 @@ from .aggregate import PAIR_FIELDS, quantiles
 
 PASS, FAIL, INCONCLUSIVE, SKIPPED = "pass", "fail", "inconclusive", "skipped"
 _COL = {name: i for i, name in enumerate(PAIR_FIELDS)}
-_MAX_BOOTSTRAP_PAIRS = 5000
+_MAX_BOOTSTRAP_PAIRS = 2000
 
 
 @dataclass(slots=True)
@@ -118,7 +118,8 @@ def _bootstrap(
         statistic,
         paired=True,
         vectorized=True,
-        n_resamples=2000,
+        n_resamples=1000,
+        batch=250,
         confidence_level=confidence,
         method="percentile",
         random_state=np.random.default_rng(0),
