@@ -78,15 +78,7 @@ class Runtime:
         shadow = ShadowDispatcher(candidate, config.shadow, metrics, capture_cap=cap) if candidate else None
         noise = None
         if config.compare.noise_sample_rate > 0 and record.enabled:
-            # A second client of the incumbent, so A/A copies never take live connections.
-            noise = ShadowDispatcher(
-                Upstream("incumbent", config.incumbent),
-                config.shadow,
-                metrics,
-                capture_cap=cap,
-                target="incumbent_noise",
-                role="noise",
-            )
+            noise = _incumbent_mirror(config, metrics, cap, target="incumbent_noise", role="noise")
         routes = RouteTable.compile(config.shadow.routes)
         routing = candidate_live = None
         if canary is not None and canary.weights is not None and canary.live_candidate is not None:
@@ -141,12 +133,12 @@ def _canary(
     live_candidate = Upstream("candidate", config.candidate)
     reverse = None
     if config.canary.reverse_shadow:
-        reverse = ShadowDispatcher(
-            Upstream("incumbent", config.incumbent),
-            config.shadow,
-            metrics,
-            capture_cap=cap,
-            target="incumbent",
-            role="shadow",
-        )
+        reverse = _incumbent_mirror(config, metrics, cap, target="incumbent", role="shadow")
     return Canary(store, controller, weights, live_candidate, reverse)
+
+
+def _incumbent_mirror(config: Config, metrics: Metrics, cap: int, *, target: str, role: str) -> ShadowDispatcher:
+    """Mirrors to the incumbent (A/A copies, reverse shadow) on a client of their own: never the live pool."""
+    return ShadowDispatcher(
+        Upstream("incumbent", config.incumbent), config.shadow, metrics, capture_cap=cap, target=target, role=role
+    )
