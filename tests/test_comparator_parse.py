@@ -99,8 +99,15 @@ def test_json_answers_are_recognised_without_configuration(body: object, kind: s
 
 def test_text_and_empty_bodies() -> None:
     """Non-JSON bodies are text; empty bodies are empty."""
-    assert parse_body(b"plain words", "text/plain").text == "plain words"
+    text = parse_body(b"plain words", "text/plain")
+    assert (text.kind, text.shape, text.text, text.parse_error) == ("text", "text", "plain words", None)
     assert parse_body(b"", "application/json").kind == "empty"
+
+
+def test_a_broken_json_body_counts_with_a_parse_error() -> None:
+    """A body that claims to be JSON but does not parse is text with parse_error bad_json, never an exception."""
+    out = parse_body(b'{"object": "chat.completion", "choices": [}', "application/json")
+    assert (out.kind, out.shape, out.parse_error) == ("text", "openai.chat", "bad_json")
 
 
 def _record(meta: dict[str, object], **bodies: bytes) -> dict[bytes, bytes]:

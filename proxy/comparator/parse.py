@@ -1,41 +1,64 @@
-"""From raw recorded bytes to what a model answered: JSON, OpenAI-style SSE streams, embeddings, text.
+"""From raw recorded bytes to what each arm answered: record metadata, encodings, SSE framing, JSON or text.
 
-Runs in the comparator, never in the proxy. OpenAI-compatible chat, completion and embedding
-responses are recognised without configuration; anything else is generic JSON, text or bytes.
+Runs in the comparator, never in the proxy. A record (``docs/records.md``) holds each arm's body exactly as
+it travelled; here it is decompressed, told apart as an SSE stream, a JSON document or text, and handed to
+``shapes.py``, which knows the answers of OpenAI (chat, completions, embeddings, Responses) and Anthropic
+(Messages) and reads anything else as generic JSON.
+
+Invariants: ``parse_record`` raises nothing but PoisonRecord, and ``parse_body`` raises nothing: a body
+that looks like a known shape but cannot be read in part still counts, with ``Output.parse_error`` saying
+why. A capture cut by the proxy's body cap (``truncated``) is a partial answer, never a
+``truncated_stream`` error.
 """
 
 from __future__ import annotations
 
-import gzip
+import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
-TRUNCATED_STREAM = "truncated_stream"
+from ..exchange import READABLE_VERSIONS
+from .shapes import (
+    ANTHROPIC,
+    CHAT,
+    COMPLETION,
+    EMBEDDING,
+    RESPONSES,
+    STREAM_ERROR,
+    TRUNCATED_STREAM,
+    Output,
+    parse_document,
+    stream_output,
+    text_of,
+    too_deep,
+)
+
+__all__ = [
+    "STREAM_ERROR",
+    "TRUNCATED_STREAM",
+    "Arm",
+    "Output",
+    "PoisonRecord",
+    "Record",
+    "parse_body",
+    "parse_document",
+    "parse_record",
+    "parse_sse",
+    "prompt_text",
+]
+
+DECODED_CAP = 64 * 1024 * 1024  # a compressed body never inflates past this (a gzip bomb is cut, as truncated)
+
+_SSE_START = re.compile(rb"\s*(?:data|event|id|retry):")
+_FIRST = re.compile(rb"\s*(\S)")
+_MARKER = re.compile(rb'"(object|type)"\s*:\s*"([\w.]+)"')
 
 
 class PoisonRecord(ValueError):
     """A stream entry that is not a record this comparator can read (sent to the dead-letter stream)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Output:
-    """What one arm answered, in comparable form."""
-
-    kind: str  # chat | completion | embedding | json | text | empty
-    text: str | None = None
-    document: Any = None
-    tool_calls: tuple[tuple[str, str], ...] = ()
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    embeddings: tuple[tuple[float, ...], ...] = ()
-    label: str | None = None
-    model: str | None = None
-    streamed: bool = False
-    stream_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +75,7 @@ class Arm:
     gap_p50_ms: float | None
     body_truncated: bool
     output: Output
+    model: str | None = None  # the model this arm was asked for, when shaping rewrote it (version 2)
 
     @property
     def outcome(self) -> str | None:
@@ -71,7 +95,7 @@ class Arm:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A parsed record: request facts and its arms by key (live, shadow, noise)."""
+    """A parsed record: request facts and its arms by key (live, shadow or shadow.<name>, noise)."""
 
     request_id: str
     time: float
@@ -80,42 +104,56 @@ class Record:
     streaming: bool
     prompt_text: str
     arms: dict[str, Arm] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # mirror target -> why it got no mirror
 
 
 def parse_record(fields: dict[bytes, bytes]) -> Record:
-    """Parse one stream entry; raise PoisonRecord when it is not a readable version-1 record."""
+    """Parse one stream entry; raise PoisonRecord (and nothing else) when it is not a readable record."""
     try:
-        meta = orjson.loads(fields[b"meta"])
-        if meta.get("v") != 1:
-            raise PoisonRecord(f"unsupported schema version {meta.get('v')!r}")
-        request_body = fields.get(b"body.request", b"")
-        request_doc = _json(request_body)
-        model = request_doc.get("model") if isinstance(request_doc, dict) else None
-        streaming = bool(request_doc.get("stream")) if isinstance(request_doc, dict) else False
-        arms = {}
-        for key, arm_meta in meta["arms"].items():
-            body = fields.get(f"body.{key}".encode(), b"")
-            arms[key] = _arm(arm_meta, body)
-        return Record(
-            request_id=str(meta["request_id"]),
-            time=float(meta["time"]),
-            route=str(meta.get("route", "other")),
-            model=str(model) if model else "-",
-            streaming=streaming,
-            prompt_text=_prompt_text(request_doc),
-            arms=arms,
-        )
+        return _record(fields)
     except PoisonRecord:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except RecursionError:
+        raise PoisonRecord("too_deep") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as exc:
         raise PoisonRecord(f"{type(exc).__name__}: {exc}") from None
 
 
+def _record(fields: dict[bytes, bytes]) -> Record:
+    meta = orjson.loads(fields[b"meta"])
+    version = meta.get("v") if isinstance(meta, dict) else None
+    if version not in READABLE_VERSIONS:
+        raise PoisonRecord(f"unsupported schema version {version!r}")
+    request = _json(fields.get(b"body.request", b""))
+    request = request if isinstance(request, dict) else {}
+    model = request.get("model")
+    arms = {str(key): _arm(arm, fields.get(f"body.{key}".encode(), b"")) for key, arm in meta["arms"].items()}
+    return Record(
+        request_id=str(meta["request_id"]),
+        time=float(meta["time"]),
+        route=str(meta.get("route", "other")),
+        model=model if isinstance(model, str) and model else "-",
+        streaming=bool(request.get("stream")),
+        prompt_text=_prompt(request),
+        arms=arms,
+        skipped=_skipped(meta.get("shadow_skipped")),
+    )
+
+
+def _skipped(value: Any) -> dict[str, str]:
+    """Skip reasons per mirror target; version 1 had one reason for its one candidate, named "candidate"."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, str) and value != "no_candidate":
+        return {"candidate": value}
+    return {}
+
+
 def _arm(meta: dict[str, Any], body: bytes) -> Arm:
-    headers = {name: value for name, value in meta.get("headers", [])}
-    body = _decode(body, headers.get("content-encoding", ""))
-    content_type = headers.get("content-type", "")
-    output = parse_body(body, content_type, truncated=bool(meta.get("truncated")))
+    headers = {str(name).lower(): str(value) for name, value in meta.get("headers") or []}
+    body, inflated_past_cap = _decode(body, headers.get("content-encoding", ""))
+    truncated = bool(meta.get("truncated")) or inflated_past_cap
+    output = parse_body(body, headers.get("content-type", ""), truncated=truncated)
     start, first_chunk = meta.get("start_ms"), meta.get("first_chunk_ms")
     ttft = None
     if output.streamed and start is not None and first_chunk is not None:
@@ -134,20 +172,21 @@ def _arm(meta: dict[str, Any], body: bytes) -> Arm:
         gap_p50_ms=(meta.get("chunks") or {}).get("gap_p50_ms"),
         body_truncated=bool(meta.get("truncated")),
         output=output,
+        model=meta["model"] if isinstance(meta.get("model"), str) else None,
     )
 
 
-def _decode(body: bytes, encoding: str) -> bytes:
-    """Undo Content-Encoding (the proxy records bodies exactly as they travelled)."""
-    encoding = encoding.strip().lower()
+def _decode(body: bytes, encoding: str) -> tuple[bytes, bool]:
+    """Undo Content-Encoding (the proxy records bodies exactly as they travelled); True when inflation hit
+    DECODED_CAP. A compressed body cut by the proxy's cap still inflates as far as it goes."""
+    wbits = {"gzip": 31, "x-gzip": 31, "deflate": 15}.get(encoding.strip().lower())
+    if wbits is None or not body:
+        return body, False
+    inflater = zlib.decompressobj(wbits)
     try:
-        if encoding == "gzip":
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, EOFError, zlib.error):
-        return body
-    return body
+        return inflater.decompress(body, DECODED_CAP), bool(inflater.unconsumed_tail)
+    except zlib.error:
+        return body, False
 
 
 def _json(body: bytes) -> Any:
@@ -159,129 +198,137 @@ def _json(body: bytes) -> Any:
         return None
 
 
-def _prompt_text(doc: Any) -> str:
-    if not isinstance(doc, dict):
+def prompt_text(request_body: bytes) -> str:
+    """The prompt of a raw request body, for token estimates ("" when it is not a JSON object)."""
+    try:
+        return _prompt(_json(request_body))
+    except RecursionError:
         return ""
-    if isinstance(doc.get("messages"), list):
-        return " ".join(str(m.get("content", "")) for m in doc["messages"] if isinstance(m, dict))
-    prompt = doc.get("prompt") or doc.get("input") or ""
-    return prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
+
+
+def _prompt(request: Any) -> str:
+    """System prompt or instructions, then chat or Anthropic ``messages`` (string contents or lists of text
+    blocks), Responses ``input`` (a string or message items) or a completion ``prompt``."""
+    if not isinstance(request, dict):
+        return ""
+    parts = [text_of(request.get("system")), text_of(request.get("instructions"))]
+    messages = request.get("messages")
+    if isinstance(messages, list):
+        parts.extend(text_of(m.get("content")) for m in messages if isinstance(m, dict))
+    else:
+        parts.append(_prompt_value(request.get("prompt") or request.get("input") or ""))
+    return " ".join(part for part in parts if part)
+
+
+def _prompt_value(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(item, dict) for item in prompt):
+        # Responses input items: messages (string or part-list content) and tool outputs.
+        return " ".join(text_of(item.get("content", item.get("output"))) for item in prompt)
+    try:
+        return orjson.dumps(prompt).decode()  # token ids, embedding inputs
+    except orjson.JSONEncodeError:
+        return ""
 
 
 def parse_body(body: bytes, content_type: str, *, truncated: bool = False) -> Output:
-    """Recognise an OpenAI-compatible answer (plain or SSE), else generic JSON, text or bytes."""
-    if not body:
-        return Output("empty")
-    if "text/event-stream" in content_type or body.lstrip().startswith(b"data:"):
-        return parse_sse(body)
-    doc = _json(body)
-    if doc is None:
-        text = body.decode("utf-8", errors="replace")
-        return Output("text", text=text)
-    return parse_document(doc)
+    """What an arm answered: a reassembled SSE stream, a JSON answer read by its shape, else text.
 
-
-def parse_document(doc: Any) -> Output:
-    """A JSON answer: chat/completion/embedding objects by their ``object`` field or shape, else generic."""
-    if not isinstance(doc, dict):
-        return Output("json", document=doc)
-    obj = str(doc.get("object", ""))
-    usage: dict[str, Any] = doc["usage"] if isinstance(doc.get("usage"), dict) else {}
-    common: dict[str, Any] = {
-        "document": doc,
-        "prompt_tokens": usage.get("prompt_tokens"),
-        "completion_tokens": usage.get("completion_tokens"),
-        "model": doc.get("model"),
-    }
-    choices = doc.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        first = choices[0]
-        if isinstance(first.get("message"), dict) or obj == "chat.completion":
-            message = first.get("message") or {}
-            calls = tuple(_tool_call(c) for c in message.get("tool_calls") or [])
-            return Output(
-                "chat",
-                text=message.get("content") or "",
-                tool_calls=calls,
-                finish_reason=first.get("finish_reason"),
-                **common,
-            )
-        if "text" in first or obj == "text_completion":
-            return Output(
-                "completion", text=first.get("text") or "", finish_reason=first.get("finish_reason"), **common
-            )
-    data = doc.get("data")
-    if obj == "list" and isinstance(data, list) and data and isinstance(data[0], dict) and "embedding" in data[0]:
-        vectors = tuple(tuple(float(x) for x in item["embedding"]) for item in data if isinstance(item, dict))
-        return Output("embedding", embeddings=vectors, **common)
-    label = next((doc[k] for k in ("label", "prediction", "class") if isinstance(doc.get(k), str | int)), None)
-    return Output("json", label=None if label is None else str(label), **common)
-
-
-def _tool_call(call: Any) -> tuple[str, str]:
-    function = call.get("function") or {} if isinstance(call, dict) else {}
-    return str(function.get("name", "")), _canonical_arguments(function.get("arguments", ""))
-
-
-def _canonical_arguments(arguments: Any) -> str:
-    """Tool-call arguments compared as JSON values when they parse, else as text."""
-    if isinstance(arguments, str):
-        try:
-            return orjson.dumps(orjson.loads(arguments), option=orjson.OPT_SORT_KEYS).decode()
-        except orjson.JSONDecodeError:
-            return arguments.strip()
-    return orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS).decode()
-
-
-def parse_sse(body: bytes) -> Output:
-    """Reassemble an OpenAI-style stream into its final text, tool calls, finish reason and usage.
-
-    A stream that ends without ``[DONE]`` and without a finish reason stopped early: that is a
-    ``truncated_stream`` error, never a clean success.
+    Never raises: what cannot be read is a ``parse_error``; ``truncated`` (the proxy's body cap cut the
+    capture) gives a best-effort partial answer.
     """
-    texts: list[str] = []
-    calls: dict[int, list[str]] = {}
-    finish = model = None
-    usage: dict[str, Any] = {}
-    done = False
-    kind = "chat"
-    for event in body.replace(b"\r\n", b"\n").split(b"\n\n"):
-        data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
-        if not data:
+    if not body:
+        return Output("empty", shape="empty", truncated=truncated)
+    content_type = content_type.lower()
+    try:
+        if _is_stream(body, content_type):
+            return parse_sse(body, truncated=truncated)
+        return _plain(body, content_type, truncated)
+    except RecursionError:
+        return _unreadable(body, "too_deep", truncated)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError):
+        # The readers check every type they touch; this keeps the record countable if one was missed.
+        return _unreadable(body, "unreadable", truncated)
+
+
+def _is_stream(body: bytes, content_type: str) -> bool:
+    # A JSON body is read as JSON even when labelled as a stream (some servers send errors that way).
+    return bool(_SSE_START.match(body)) or ("text/event-stream" in content_type and not _looks_json(body))
+
+
+def _looks_json(body: bytes) -> bool:
+    first = _FIRST.match(body)
+    return first is not None and first.group(1) in (b"{", b"[")
+
+
+def _plain(body: bytes, content_type: str, truncated: bool) -> Output:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if not _looks_json(body) and "json" not in content_type:
+            return Output("text", text=body.decode("utf-8", errors="replace"), shape="text", truncated=truncated)
+        reason = "too_deep" if "depth" in str(exc) else "bad_json"
+        return _unreadable(body, None if truncated else reason, truncated)
+    if too_deep(doc, body.count(b"{") + body.count(b"[")):
+        return _unreadable(body, "too_deep", truncated)
+    output = parse_document(doc)
+    return replace(output, truncated=True) if truncated else output
+
+
+def _unreadable(body: bytes, reason: str | None, truncated: bool) -> Output:
+    """A body that looks like JSON but cannot be read (or was cut): its text, and the shape it seems to have."""
+    text = body.decode("utf-8", errors="replace")
+    return Output("text", text=text, shape=_sniff(body), truncated=truncated, parse_error=reason)
+
+
+def _sniff(body: bytes) -> str:
+    """The shape a body seems to have from its first ``object``/``type`` markers (for bodies that do not parse)."""
+    for match in _MARKER.finditer(body, 0, 4096):
+        key, value = match.groups()
+        if key == b"object" and value.startswith(b"chat.completion"):
+            return CHAT
+        if key == b"object" and value in (b"text_completion", b"response", b"embedding"):
+            return {b"text_completion": COMPLETION, b"response": RESPONSES, b"embedding": EMBEDDING}[value]
+        if key == b"type" and value.startswith(b"response."):
+            return RESPONSES
+        if key == b"type" and value in (b"message", b"message_start", b"error"):
+            return ANTHROPIC
+    return "json"
+
+
+def parse_sse(body: bytes, *, truncated: bool = False) -> Output:
+    """Reassemble a server-sent event stream (OpenAI chat or completions, Responses API, Anthropic Messages).
+
+    An event whose data is not JSON is skipped and counted as ``bad_sse_event``, except the last one when
+    the body does not end with a blank line: that is where the stream was cut.
+    """
+    blocks = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n\n")
+    events: list[tuple[str, dict[str, Any]]] = []
+    bad = False
+    for position, block in enumerate(blocks):
+        name, data = _sse_fields(block)
+        if data is None:
             continue
         if data.strip() == b"[DONE]":
-            done = True
+            events.append(("[DONE]", {}))
             continue
-        chunk = _json(data)
-        if not isinstance(chunk, dict):
-            continue
-        model = chunk.get("model", model)
-        if isinstance(chunk.get("usage"), dict):
-            usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                texts.append(delta.get("content") or "")
-                for call in delta.get("tool_calls") or []:
-                    parts = calls.setdefault(int(call.get("index", 0)), ["", ""])
-                    function = call.get("function") or {}
-                    parts[0] += function.get("name") or ""
-                    parts[1] += function.get("arguments") or ""
-            elif "text" in choice:
-                kind = "completion"
-                texts.append(choice.get("text") or "")
-            finish = choice.get("finish_reason") or finish
-    tool_calls = tuple((name, _canonical_arguments(args)) for _, (name, args) in sorted(calls.items()))
-    return Output(
-        kind,
-        text="".join(texts),
-        tool_calls=tool_calls,
-        finish_reason=finish,
-        prompt_tokens=usage.get("prompt_tokens"),
-        completion_tokens=usage.get("completion_tokens"),
-        model=model,
-        streamed=True,
-        stream_error=None if done or finish else TRUNCATED_STREAM,
-    )
+        event = _json(data)
+        if isinstance(event, dict):
+            events.append((name, event))
+        elif position < len(blocks) - 1:
+            bad = True
+    return stream_output(events, truncated=truncated, parse_error="bad_sse_event" if bad else None)
+
+
+def _sse_fields(block: bytes) -> tuple[str, bytes | None]:
+    """An event's name and data (data lines joined, one leading space dropped, as the SSE spec says)."""
+    if block.startswith(b"data: ") and b"\n" not in block:  # the usual one-line event
+        return "", block[6:]
+    name, data = "", []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", errors="replace")
+    return name, b"\n".join(data) if data else None
