@@ -246,7 +246,10 @@ def small_exchange(rng: random.Random, index: int, wall: float, mono: float, cap
             pieces=1,
             gap=0.0,
         )
-        setattr(exchange, key, arm)
+        if key == "live":
+            exchange.live = arm
+        else:
+            exchange.shadows.append(arm)
     return exchange, differs
 
 
@@ -338,7 +341,10 @@ def chat_exchange(rng: random.Random, index: int, wall: float, mono: float, cap:
             pieces=2,
             gap=0.0002,
         )
-        setattr(exchange, key, arm)
+        if key == "live":
+            exchange.live = arm
+        else:
+            exchange.shadows.append(arm)
     return exchange, differs
 
 

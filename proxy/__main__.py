@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", metavar="HOST:PORT", help="main listener (proxy.listen)")
     serve.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener (admin.listen)")
     serve.add_argument("--incumbent", metavar="URL", help="the model that answers clients (incumbent.url)")
-    serve.add_argument("--candidate", metavar="URL", help="the model that receives mirrors (candidate.url)")
+    serve.add_argument(
+        "--candidate", metavar="URL", help="the model that receives mirrors (candidate.url; with one candidate)"
+    )
     serve.add_argument("--redis-url", metavar="URL", help="Redis for records (record.redis_url); empty: embedded")
     serve.add_argument("--workers", metavar="N", type=int, help="processes sharing the port (proxy.workers)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="proxy.log_level")
@@ -72,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--since", metavar="DURATION", help="range to report, e.g. 15m, 2h, 7d (compare.report_since)")
     report.add_argument("--route", help="only segments of this route (a shadow.routes glob)")
     report.add_argument("--model", help="only segments of this request model")
+    report.add_argument(
+        "--candidate",
+        dest="report_candidate",
+        metavar="NAME",
+        help="the candidate to report (default: the canary's, else the first)",
+    )
 
     canary = commands.add_parser(
         "canary",
@@ -257,7 +265,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=_overrides(args))
     since = parse_duration(args.since or config.compare.report_since)
     filters = {k: v for k, v in (("route", args.route), ("model", args.model)) if v}
-    report = uvloop.run(load_report(config, _redis_for_reading(config), since_seconds=since, segment_filter=filters))
+    report = uvloop.run(
+        load_report(
+            config,
+            _redis_for_reading(config),
+            since_seconds=since,
+            segment_filter=filters,
+            candidate=args.report_candidate,
+        )
+    )
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     else:
@@ -320,7 +336,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .replay import Replayer, load_entries
 
     config = load_config(args.config, overrides=_overrides(args))
-    if not config.candidate.url:
+    if not config.candidate:
         raise ConfigError("missing config key candidate.url: pass --candidate URL or set [candidate] url")
     headers = []
     for item in args.header:

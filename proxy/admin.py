@@ -59,8 +59,8 @@ async def readyz(request: web.Request) -> web.Response:
         return _json({"status": "shutting_down"}, status=503)
     timeout = runtime.config.admin.health_check_timeout
     probes = {"incumbent": runtime.incumbent.probe(timeout)}
-    if runtime.candidate is not None:
-        probes["candidate"] = runtime.candidate.probe(timeout)
+    for candidate in runtime.candidates:
+        probes[f"candidate:{candidate.name}"] = candidate.probe(timeout)
     if runtime.store is not None:
         probes["redis"] = runtime.store.ping()
     results = await asyncio.gather(*probes.values())
@@ -69,7 +69,8 @@ async def readyz(request: web.Request) -> web.Response:
     body = {
         "status": "ready" if ready else "unready",
         "checks": checks,
-        "mirrors_in_flight": runtime.shadow.in_flight if runtime.shadow is not None else 0,
+        "mirrors_in_flight": sum(d.in_flight for d in runtime.dispatchers()),
+        "mirrors_in_flight_by_target": {d.target: d.in_flight for d in runtime.dispatchers()},
         "record_queue": runtime.recorder.depth if runtime.recorder is not None else 0,
     }
     return _json(body, status=200 if ready else 503)
@@ -87,7 +88,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def report(request: web.Request) -> web.Response:
-    """The comparator's report as JSON (``?since=15m&route=...&model=...``), as `shadow-proxy report --json`."""
+    """The comparator's report as JSON (``?since=15m&route=...&model=...&candidate=NAME``), as
+    `shadow-proxy report --json`."""
     runtime = request.app[RUNTIME]
     reader = request.app[READER].reader
     if reader is None:
@@ -97,8 +99,9 @@ async def report(request: web.Request) -> web.Response:
     except ValueError as exc:
         return _json({"error": {"message": str(exc), "type": "bad_request"}}, 400)
     filters = {key: request.query[key] for key in ("route", "model") if key in request.query}
+    candidate = request.query.get("candidate") or None
     source = request.app[READER]
-    key = (since, tuple(sorted(filters.items())))
+    key = (since, tuple(sorted(filters.items())), candidate)
     async with source.lock:
         # A dashboard polls every few seconds: serve a recent report rather than rebuild it each time.
         cached = source.cache.get(key)
@@ -106,7 +109,12 @@ async def report(request: web.Request) -> web.Response:
             return _json(cached[1])
         try:
             body = await report_from(
-                reader, runtime.config, since_seconds=since, segment_filter=filters, builder=runtime.reports
+                reader,
+                runtime.config,
+                since_seconds=since,
+                segment_filter=filters,
+                builder=runtime.reports,
+                candidate=candidate,
             )
         except (RedisError, OSError) as exc:
             return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)

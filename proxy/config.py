@@ -14,7 +14,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 ENV_PREFIX = "SHADOW_PROXY_"
 SECRET_KEYS = frozenset({"token"})
@@ -86,6 +95,31 @@ class PriceConfig(_Section):
     output_per_1k: float = Field(default=0.0, ge=0.0)
 
 
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
+# Headers the proxy sets itself or that describe the connection: shaping may not touch them.
+_UNSHAPEABLE = frozenset({"host", "content-length", "transfer-encoding", "connection", "expect", "te", "upgrade"})
+_REFERENCE = re.compile(r"\$\{([^}]*)\}")
+
+
+def _resolve(template: str, environ: Mapping[str, str], where: str) -> str:
+    """Expand ${VAR} (an environment variable) and ${file:PATH} (a mounted secret, trailing newline dropped)."""
+
+    def one(match: re.Match[str]) -> str:
+        ref = match.group(1)
+        if ref.startswith("file:"):
+            try:
+                return Path(ref[5:]).read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(f"{where}: secret file {ref[5:]} cannot be read ({exc.strerror})") from None
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ref):
+            raise ValueError(f"{where}: ${{{ref}}} is not a variable name: use ${{NAME}} or ${{file:/path}}")
+        if ref not in environ:
+            raise ValueError(f"{where}: environment variable {ref} is not set: export it or remove the reference")
+        return environ[ref]
+
+    return _REFERENCE.sub(one, template)
+
+
 class UpstreamConfig(_Section):
     url: str = ""
     connect_timeout: PositiveSeconds = 5.0
@@ -93,6 +127,10 @@ class UpstreamConfig(_Section):
     total_timeout: Seconds = 0.0
     pool_size: int = Field(default=512, ge=1)
     health_path: str = ""
+    # Request shaping for this arm (see shaping.py): the JSON body's model field and headers.
+    model: str | dict[str, str] = ""
+    set_headers: dict[str, SecretStr] = Field(default_factory=dict)
+    remove_headers: tuple[str, ...] = ()
     price: PriceConfig = PriceConfig()
 
     @field_validator("url")
@@ -102,12 +140,69 @@ class UpstreamConfig(_Section):
             raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:8000")
         return value.rstrip("/")
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return dict(value)
+        raise ValueError(
+            'expected a model name (model = "gpt-4.1-mini") or a table mapping incoming model names to this '
+            'arm\'s ([candidate.model] "gpt-4o-mini" = "gpt-4.1-mini", "*" = any other)'
+        )
+
+    @field_validator("set_headers", mode="before")
+    @classmethod
+    def _set_headers(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, Mapping):
+            raise ValueError('expected a table of header names to values: { authorization = "Bearer ${API_KEY}" }')
+        environ = (info.context or {}).get("environ", os.environ)
+        resolved = {}
+        for name, template in value.items():
+            _check_shaped_header(name)
+            if isinstance(template, SecretStr):
+                template = template.get_secret_value()
+            if not isinstance(template, str):
+                raise ValueError(f"header {name}: expected a string value")
+            resolved[name.lower()] = _resolve(template, environ, f"header {name}")
+        return resolved
+
+    @field_validator("remove_headers")
+    @classmethod
+    def _remove_headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            _check_shaped_header(name)
+        return tuple(name.lower() for name in value)
+
+
+def _check_shaped_header(name: str) -> None:
+    if not _TOKEN.match(name):
+        raise ValueError(f"{name!r} is not a header name")
+    if name.lower() in _UNSHAPEABLE:
+        raise ValueError(f"header {name} is set by the proxy itself and cannot be shaped")
+
 
 class CandidateConfig(UpstreamConfig):
+    name: str = Field(default="candidate", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     connect_timeout: PositiveSeconds = 2.0
     read_timeout: PositiveSeconds = 60.0
     total_timeout: Seconds = 120.0
     pool_size: int = Field(default=256, ge=1)
+    # Per-candidate mirroring; unset means the [shadow] value.
+    sample_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    routes: tuple[str, ...] | None = None
+    max_in_flight: int | None = Field(default=None, ge=1)
+    # Spend cap on mirrors: the candidate's cost over the last hour (its price table, else the maintained
+    # price list, and the usage its answers report). Beyond it mirrors are skipped (reason "budget"). 0: none.
+    budget_per_hour: float = Field(default=0.0, ge=0.0)
+
+    @field_validator("name")
+    @classmethod
+    def _not_incumbent(cls, value: str) -> str:
+        if value == "incumbent":
+            raise ValueError("'incumbent' names the incumbent arm: choose another candidate name")
+        return value
 
 
 class ShadowConfig(_Section):
@@ -212,6 +307,7 @@ def _default_stages() -> tuple[StageConfig, ...]:
 
 class CanaryConfig(_Section):
     enabled: bool = False
+    candidate: str = ""
     stage: tuple[StageConfig, ...] = Field(default_factory=_default_stages, min_length=1)
     on_fail: Literal["rollback", "pause"] = "rollback"
     evaluate_interval: PositiveSeconds = 10.0
@@ -241,11 +337,18 @@ class LimitsConfig(_Section):
     max_headers: int = Field(default=128, ge=8)
 
 
+def _candidates(value: Any) -> Any:
+    """``[candidate]`` (one table) or ``[[candidate]]`` (several); a single table without a url is none."""
+    if isinstance(value, Mapping):
+        return () if not value.get("url") else (value,)
+    return value
+
+
 class Config(_Section):
     proxy: ProxyConfig = ProxyConfig()
     admin: AdminConfig = AdminConfig()
     incumbent: UpstreamConfig = UpstreamConfig()
-    candidate: CandidateConfig = CandidateConfig()
+    candidate: Annotated[tuple[CandidateConfig, ...], BeforeValidator(_candidates)] = ()
     shadow: ShadowConfig = ShadowConfig()
     record: RecordConfig = RecordConfig()
     compare: CompareConfig = CompareConfig()
@@ -309,23 +412,39 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
 def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in layer.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+        if key == "candidate" and isinstance(value, Mapping) and isinstance(merged.get(key), list):
+            merged[key] = _merge_into_candidates(merged[key], value)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
+def _merge_into_candidates(entries: list[Any], layer: Mapping[str, Any]) -> list[Any]:
+    """SHADOW_PROXY_CANDIDATE_* and --candidate apply to the only candidate; with several they are ambiguous."""
+    if len(entries) > 1:
+        raise ConfigError(
+            f"candidate.{next(iter(layer))} set by a flag or SHADOW_PROXY_CANDIDATE_* is ambiguous with "
+            f"{len(entries)} [[candidate]] entries: set it in the entry of the candidate it is for"
+        )
+    first = entries[0] if entries and isinstance(entries[0], Mapping) else {}
+    return [_merge(dict(first), layer)]
+
+
 def _describe(error: Any, sources: str) -> str:
     """Turn the first pydantic error into one line: key, bad value, what is expected, where to fix it."""
     loc = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
-        table = ".".join(str(p) for p in error["loc"][:-1])
-        model = SECTIONS.get(table) or _NESTED.get(str(error["loc"][-2])) if len(error["loc"]) > 1 else None
+        names = [str(p) for p in error["loc"][:-1] if not isinstance(p, int)]  # candidate.1.x: [[candidate]]
+        table = ".".join(names)
+        model = (SECTIONS.get(table) or _NESTED.get(names[-1])) if names else None
         known = ", ".join(model.model_fields) if model else ", ".join(SECTIONS)
         where = f"[{table}]" if model else "the top level"
         return f"unknown config key {loc}: remove it or use one of {where}: {known}"
-    shown = MASK if error["loc"][-1] in SECRET_KEYS else repr(error.get("input"))
+    # Header values may hold credentials: never echo them.
+    secret = error["loc"][-1] in SECRET_KEYS or "set_headers" in error["loc"]
+    shown = MASK if secret else repr(error.get("input"))
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"invalid config key {loc} = {shown}: {message} (fix it in {sources})"
 
@@ -347,11 +466,36 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     data = _merge(data, overrides or {})
+    sources = f"{path or 'the config file'}, {ENV_PREFIX}* or the CLI flag"
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data, context={"environ": os.environ if environ is None else environ})
     except ValidationError as exc:
-        sources = f"{path or 'the config file'}, {ENV_PREFIX}* or the CLI flag"
         raise ConfigError(_describe(exc.errors()[0], sources)) from None
+    _check_candidates(config, sources)
+    return config
+
+
+def _check_candidates(config: Config, sources: str) -> None:
+    """What one candidate's table cannot see: names unique, every entry with a url, the canary's one known."""
+    seen: set[str] = set()
+    for index, candidate in enumerate(config.candidate):
+        if not candidate.url:
+            raise ConfigError(
+                f"missing config key candidate.{index}.url: every [[candidate]] needs a url (fix it in {sources})"
+            )
+        if candidate.name in seen:
+            raise ConfigError(
+                f"invalid config key candidate.{index}.name = {candidate.name!r}: another candidate has this name; "
+                f"give each [[candidate]] a unique name (fix it in {sources})"
+            )
+        seen.add(candidate.name)
+    wanted = config.canary.candidate
+    if wanted and wanted not in seen:
+        known = ", ".join(sorted(seen)) or "none is configured"
+        raise ConfigError(
+            f"invalid config key canary.candidate = {wanted!r}: no candidate has this name ({known}) "
+            f"(fix it in {sources})"
+        )
 
 
 def require_incumbent(config: Config) -> None:
@@ -362,10 +506,21 @@ def require_incumbent(config: Config) -> None:
         )
 
 
+def canary_candidate(config: Config) -> CandidateConfig | None:
+    """The candidate a canary promotes: canary.candidate by name, else the first one."""
+    for candidate in config.candidate:
+        if candidate.name == config.canary.candidate or not config.canary.candidate:
+            return candidate
+    return None
+
+
 def masked(config: Config) -> dict[str, Any]:
     """The resolved configuration as plain data with secrets masked, for printing."""
+    # set_headers values are SecretStr: model_dump shows them as "**********".
     data = config.model_dump(mode="json")
     for section in data.values():
+        if not isinstance(section, dict):
+            continue
         for key in SECRET_KEYS & section.keys():
             if section[key]:
                 section[key] = MASK

@@ -15,7 +15,10 @@ from typing import Any, Protocol
 
 import orjson
 
-SCHEMA_VERSION = 1
+# Version 2: one arm per candidate (``shadow.<name>``), per-candidate skip reasons, the model each arm
+# was asked for. Readers accept 1 as well (docs/records.md).
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = frozenset({1, 2})
 MAX_GAPS = 4096  # inter-chunk gaps kept per arm; beyond this only count, sum and max grow
 
 # Response headers never worth recording (and Set-Cookie is a secret).
@@ -30,6 +33,7 @@ class ArmCapture:
     role: str
     cap: int
     start: float = 0.0
+    model: str | None = None  # the model this arm was asked for, when shaping rewrote it
     first_byte: float | None = None
     first_chunk: float | None = None
     end: float | None = None
@@ -94,6 +98,7 @@ class ArmCapture:
         return {
             "upstream": self.upstream,
             "role": self.role,
+            "model": self.model,
             "status": self.status,
             "error": self.error,
             "start_ms": rel(self.start),
@@ -143,9 +148,9 @@ class Exchange:
     received: float
     body: bytes = b""
     live: ArmCapture | None = None
-    shadow: ArmCapture | None = None
+    shadows: list[ArmCapture] = field(default_factory=list)
     noise: ArmCapture | None = None
-    shadow_skipped: str | None = None
+    shadow_skipped: dict[str, str] = field(default_factory=dict)  # candidate name -> why it got no mirror
     client_disconnected: bool = False
     response_status: int | None = None
     pending: int = 0
@@ -164,10 +169,12 @@ class Exchange:
     def size_hint(self) -> int:
         """Approximate bytes this exchange holds, for the recorder's byte bound."""
         size = len(self.body) + 512
-        for arm in (self.live, self.shadow, self.noise):
-            if arm is not None:
-                size += arm.captured + 256
+        for arm in self.arms():
+            size += arm.captured + 256
         return size
+
+    def arms(self) -> list[ArmCapture]:
+        return [a for a in (self.live, *self.shadows, self.noise) if a is not None]
 
     def to_fields(self, redact: Redaction, cap: int) -> dict[str, bytes]:
         """The stream entry: small fields for filtering, JSON metadata, raw (redacted) bodies."""
@@ -191,7 +198,7 @@ class Exchange:
             "response_status": self.response_status
             if self.response_status is not None
             else (self.live.status if self.live else None),
-            "shadow_skipped": self.shadow_skipped,
+            "shadow_skipped": self.shadow_skipped or None,
         }
         fields = {
             "v": str(SCHEMA_VERSION).encode(),
@@ -200,9 +207,7 @@ class Exchange:
             "body.request": redact.body(self.body[:cap], len(self.body) > cap),
         }
         arms: dict[str, Any] = {}
-        for key, arm in (("live", self.live), ("shadow", self.shadow), ("noise", self.noise)):
-            if arm is None:
-                continue
+        for key, arm in self._keyed_arms():
             summary = arm.summary(self.received)
             summary["headers"] = redact.headers([(k, v) for k, v in summary["headers"]])
             arms[key] = summary
@@ -210,6 +215,14 @@ class Exchange:
         meta["arms"] = arms
         fields["meta"] = orjson.dumps(meta)
         return fields
+
+    def _keyed_arms(self) -> list[tuple[str, ArmCapture]]:
+        """Each arm under its wire key: live, shadow.<upstream name>, noise."""
+        keyed = [("live", self.live)] if self.live is not None else []
+        keyed += [(f"shadow.{arm.upstream}", arm) for arm in self.shadows]
+        if self.noise is not None:
+            keyed.append(("noise", self.noise))
+        return keyed
 
 
 class Redaction(Protocol):

@@ -22,7 +22,7 @@ from .exchange import ArmCapture, Exchange, now
 from .headers import append_via, end_to_end, request_headers
 from .metrics import Metrics
 from .recorder import Recorder
-from .routing import MirrorPolicy, RouteTable, sampled, serves_candidate, sticky_key
+from .routing import RouteTable, serves_candidate, sticky_key
 from .shadow import ShadowDispatcher
 from .upstream import Failure, Upstream, classify
 
@@ -36,7 +36,7 @@ class ServingArm:
     """The upstream that answers the client, and where the same request is mirrored."""
 
     upstream: Upstream
-    mirror: ShadowDispatcher | None
+    mirrors: tuple[ShadowDispatcher, ...]
 
 
 class WeightSource(Protocol):
@@ -63,15 +63,12 @@ class CanaryRouting:
 class Forwarder:
     """Everything the live path needs, built once at startup."""
 
-    incumbent: Upstream
-    shadow: ShadowDispatcher | None
+    incumbent: ServingArm
     candidate_live: ServingArm | None
     canary: CanaryRouting | None
     noise: ShadowDispatcher | None
-    noise_sample_rate: float
     recorder: Recorder | None
     metrics: Metrics
-    policy: MirrorPolicy
     routes: RouteTable
     request_id_header: str
     via: str
@@ -94,8 +91,7 @@ class Forwarder:
                 self.request_id_header,
             )
         serving = self.canary.serving(request, request_id) if self.canary is not None else "incumbent"
-        arm = self.candidate_live if serving == "candidate" and self.candidate_live is not None else None
-        arm = arm or ServingArm(self.incumbent, self.shadow)
+        arm = self.candidate_live if serving == "candidate" and self.candidate_live is not None else self.incumbent
         exchange = self._exchange(request, request_id, body, arm.upstream)
         raw_target = request.raw_path
         headers = request_headers(
@@ -107,7 +103,7 @@ class Forwarder:
             request_id_header=self.request_id_header,
             request_id=request_id,
         )
-        self._maybe_mirror(exchange, raw_target, headers, arm.mirror)
+        self._mirror(exchange, raw_target, headers, arm.mirrors)
         try:
             response = await self._relay(request, exchange, raw_target, headers, arm.upstream)
             if self.canary is not None and self.canary.served_by_header and not response.prepared:
@@ -164,30 +160,21 @@ class Forwarder:
         exchange.expect_arm()
         return exchange
 
-    def _maybe_mirror(
-        self, exchange: Exchange, raw_target: str, headers: list[tuple[str, str]], mirror: ShadowDispatcher | None
+    def _mirror(
+        self,
+        exchange: Exchange,
+        raw_target: str,
+        headers: list[tuple[str, str]],
+        mirrors: tuple[ShadowDispatcher, ...],
     ) -> None:
-        reason = self.policy.skip_reason(
-            method=exchange.method,
-            route=None if exchange.route == "other" else exchange.route,
-            request_id=exchange.request_id,
-            body_size=len(exchange.body),
-            has_target=mirror is not None,
-        )
-        target = mirror.target if mirror is not None else "candidate"
-        if reason is None and mirror is not None:
-            exchange.shadow = mirror.dispatch(exchange, raw_target, headers)  # sets shadow_skipped if dropped
-            reason = exchange.shadow_skipped
-        else:
-            if reason is not None:
-                self.metrics.mirrors_skipped.labels(target, reason).inc()
-            exchange.shadow_skipped = reason
-        # The A/A copy measures the incumbent's own run-to-run noise, on the same eligible requests.
-        if self.noise is not None and reason in (None, "no_candidate", "not_sampled", "full", "target_down"):
-            if sampled("noise:" + exchange.request_id, self.noise_sample_rate):
-                skipped = exchange.shadow_skipped
-                exchange.noise = self.noise.dispatch(exchange, raw_target, headers)
-                exchange.shadow_skipped = skipped  # the noise copy's own drops are counted, not recorded
+        """Start every mirror this request is due (each target decides, counts and notes its skips)."""
+        for mirror in mirrors:
+            arm = mirror.dispatch(exchange, raw_target, headers)
+            if arm is not None:
+                exchange.shadows.append(arm)
+        # The A/A copy measures the incumbent's own run-to-run noise, on the same kind of requests.
+        if self.noise is not None:
+            exchange.noise = self.noise.dispatch(exchange, raw_target, headers)
 
     async def _relay(
         self,
@@ -201,9 +188,13 @@ class Forwarder:
         assert live is not None
         live.start = now()
         upstream_response: aiohttp.ClientResponse | None = None
+        body = exchange.body
+        if not upstream.shaping.idle:
+            shaped = upstream.shaping.apply(body, headers)
+            body, headers, live.model = shaped.body, shaped.headers, shaped.model
         try:
             try:
-                upstream_response = await upstream.send(request.method, raw_target, headers, exchange.body)
+                upstream_response = await upstream.send(request.method, raw_target, headers, body)
             except _UPSTREAM_ERRORS as exc:
                 return self._failed(exchange, classify(exc))
             live.on_headers(upstream_response.status, list(upstream_response.headers.items()), now())
@@ -300,8 +291,8 @@ class Forwarder:
             status=code,
             error=live.error,
             duration_ms=None if live.end is None else round((live.end - exchange.received) * 1000, 3),
-            mirrored=exchange.shadow is not None,
-            shadow_skipped=exchange.shadow_skipped,
+            mirrored=[arm.upstream for arm in exchange.shadows],
+            shadow_skipped=exchange.shadow_skipped or None,
         )
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
-from .config import Config
-from .exchange import ArmCapture, now
+from .config import Config, canary_candidate
+from .exchange import SCHEMA_VERSION, ArmCapture, now
 from .headers import end_to_end
 from .redaction import Redactor
 from .store import Keys, RecordStore, connect
@@ -72,7 +72,9 @@ class Replayer:
     def __init__(self, config: Config, redis_url: str, *, headers: list[tuple[str, str]]) -> None:
         record = config.record
         self._config = config
-        self._upstream = Upstream("candidate", config.candidate)
+        target = canary_candidate(config)
+        assert target is not None, "replay needs a candidate (checked by the command)"
+        self._upstream = Upstream(target.name, target)
         self._store = RecordStore(
             redis_url, Keys(record.namespace, record.stream), maxlen=record.maxlen, socket_timeout=record.socket_timeout
         )
@@ -135,7 +137,9 @@ class Replayer:
         arm = ArmCapture(self._upstream.name, "shadow", self._config.record.max_body_bytes, start=now())
         origin = arm.start
         self.progress.sent += 1
-        if await self._upstream.capture(arm, meta["method"], target, headers, body) is not None:
+        shaped = self._upstream.shaping.apply(body, headers)
+        arm.model = shaped.model
+        if await self._upstream.capture(arm, meta["method"], target, shaped.headers, shaped.body) is not None:
             self.progress.failed += 1
         await self._record(entry_id, fields, meta, arm, origin)
 
@@ -151,12 +155,15 @@ class Replayer:
             "time": time.time(),
             "original_time": meta["time"],
             "replay": {"of": entry_id.decode(), "session": self.session},
-            "arms": {"live": meta["arms"]["live"], "shadow": summary},
+            "v": SCHEMA_VERSION,
+            "arms": {"live": meta["arms"]["live"], f"shadow.{arm.upstream}": summary},
             "shadow_skipped": None,
         }
-        new = {k: v for k, v in fields.items() if k not in (b"body.shadow", b"body.noise")}
+        # The original live arm is kept; every other arm (its mirrors, the A/A copy) is replaced.
+        new = {k: v for k, v in fields.items() if not k.startswith((b"body.shadow", b"body.noise"))}
+        new[b"v"] = str(SCHEMA_VERSION).encode()
         new[b"request_id"] = request_id.encode()
         new[b"meta"] = orjson.dumps(meta)
-        new[b"body.shadow"] = self._redactor.body(arm.body, arm.truncated)
+        new[f"body.shadow.{arm.upstream}".encode()] = self._redactor.body(arm.body, arm.truncated)
         await self._store.append([{k.decode(): v for k, v in new.items()}])
         self.progress.recorded += 1

@@ -45,23 +45,23 @@ class RouteTable:
 
 @dataclass(frozen=True, slots=True)
 class MirrorPolicy:
-    """Everything needed to decide, without I/O, whether a request is mirrored."""
+    """Everything needed to decide, without I/O, whether one target wants a request mirrored."""
 
     routes: RouteTable
     methods: frozenset[str]
     sample_rate: float
     max_body_bytes: int
 
-    def skip_reason(
-        self, *, method: str, route: str | None, request_id: str, body_size: int, has_target: bool = True
-    ) -> str | None:
-        """None when the request should be mirrored, else the reason it is not (a metric label)."""
-        if route is None or method not in self.methods:
+    def skip_reason(self, *, method: str, path: str, request_id: str, body_size: int) -> str | None:
+        """None when the request should be mirrored, else the reason it is not (a metric label).
+
+        Every target samples on the same hash of the request id: a target with a lower rate gets a
+        subset of the requests a target with a higher rate gets, so candidates compare like for like.
+        """
+        if method not in self.methods or self.routes.match(path) is None:
             return "route_not_mirrored"
         if body_size > self.max_body_bytes:
             return "body_too_large"
-        if not has_target:
-            return "no_candidate"
         if not sampled(request_id, self.sample_rate):
             return "not_sampled"
         return None

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .budget import SpendLedger, SpendSync, capture_cost
 from .canary.controller import Controller
 from .canary.store import CanaryStore
 from .canary.weights import WeightWatcher
 from .comparator.offload import ReportBuilder
-from .config import Config, ConfigError
+from .config import CandidateConfig, Config, ConfigError, canary_candidate
 from .forwarding import CanaryRouting, Forwarder, ServingArm
 from .metrics import Metrics
 from .recorder import Recorder
@@ -36,13 +37,14 @@ class Runtime:
     config: Config
     metrics: Metrics
     incumbent: Upstream
-    candidate: Upstream | None
+    candidates: list[Upstream]
     store: RecordStore | None
     recorder: Recorder | None
-    shadow: ShadowDispatcher | None
+    shadows: tuple[ShadowDispatcher, ...]
     noise: ShadowDispatcher | None
     canary: Canary | None
     forwarder: Forwarder
+    spend: SpendSync | None = None
     shutting_down: bool = False
     upstreams: list[Upstream] = field(default_factory=list)
     # Reports and canary evidence are built in a child process, never on this event loop.
@@ -50,14 +52,13 @@ class Runtime:
 
     def dispatchers(self) -> list[ShadowDispatcher]:
         reverse = self.canary.reverse if self.canary is not None else None
-        return [d for d in (self.shadow, self.noise, reverse) if d is not None]
+        return [d for d in (*self.shadows, self.noise, reverse) if d is not None]
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
         metrics = Metrics()
         record = config.record
         incumbent = Upstream("incumbent", config.incumbent)
-        candidate = Upstream("candidate", config.candidate) if config.candidate.url else None
         cap = record.max_body_bytes if record.enabled else 0  # nothing is captured when nothing is recorded
         keys = Keys(record.namespace, record.stream)
         store = recorder = canary = None
@@ -72,43 +73,42 @@ class Runtime:
             )
             recorder = Recorder(store, record, metrics)
             reports = ReportBuilder(offload=True)
-            canary = _canary(config, keys, metrics, cap, candidate, reports)
+            canary = _canary(config, keys, metrics, cap, reports)
         elif config.canary.enabled:
             raise ConfigError("canary.enabled = true needs Redis: set record.enabled = true (the weight lives there)")
-        shadow = ShadowDispatcher(candidate, config.shadow, metrics, capture_cap=cap) if candidate else None
+        shadows = tuple(_candidate_mirror(config, c, metrics, cap) for c in config.candidate)
         noise = None
         if config.compare.noise_sample_rate > 0 and record.enabled:
-            noise = _incumbent_mirror(config, metrics, cap, target="incumbent_noise", role="noise")
-        routes = RouteTable.compile(config.shadow.routes)
+            rate = config.compare.noise_sample_rate
+            noise = _incumbent_mirror(config, metrics, cap, target="incumbent_noise", role="noise", sample_rate=rate)
         routing = candidate_live = None
         if canary is not None and canary.weights is not None and canary.live_candidate is not None:
             routing = CanaryRouting(canary.weights, config.canary.sticky_keys, config.canary.served_by_header)
-            candidate_live = ServingArm(canary.live_candidate, canary.reverse)
+            # While the candidate serves, the incumbent is mirrored instead, and the other candidates still are.
+            others = tuple(s for s in shadows if s.upstream.name != canary.live_candidate.name)
+            reverse = (canary.reverse,) if canary.reverse is not None else ()
+            candidate_live = ServingArm(canary.live_candidate, reverse + others)
         forwarder = Forwarder(
-            incumbent=incumbent,
-            shadow=shadow,
+            incumbent=ServingArm(incumbent, shadows),
             candidate_live=candidate_live,
             canary=routing,
             noise=noise,
-            noise_sample_rate=config.compare.noise_sample_rate,
             recorder=recorder,
             metrics=metrics,
-            policy=MirrorPolicy(
-                routes=routes,
-                methods=frozenset(config.shadow.methods),
-                sample_rate=config.shadow.sample_rate,
-                max_body_bytes=config.shadow.max_body_bytes,
-            ),
-            routes=routes,
+            routes=RouteTable.compile(config.shadow.routes),
             request_id_header=config.proxy.request_id_header,
             via=config.proxy.via,
             max_body_bytes=config.limits.max_body_bytes,
             record_cap=cap,
         )
-        runtime = cls(config, metrics, incumbent, candidate, store, recorder, shadow, noise, canary, forwarder)
+        candidates = [s.upstream for s in shadows]
+        runtime = cls(config, metrics, incumbent, candidates, store, recorder, shadows, noise, canary, forwarder)
+        ledgers = {s.upstream.name: s.ledger for s in shadows if s.ledger is not None}
+        if store is not None and ledgers:
+            runtime.spend = SpendSync(store, ledgers)
         if canary is not None:
             runtime.reports = canary.controller.builder
-        runtime.upstreams = [incumbent, *(u for u in (candidate,) if u is not None)]
+        runtime.upstreams = [incumbent, *candidates]
         runtime.upstreams += [d.upstream for d in runtime.dispatchers() if d.upstream not in runtime.upstreams]
         if canary is not None and canary.live_candidate is not None:
             runtime.upstreams.append(canary.live_candidate)
@@ -120,25 +120,60 @@ def feedback_enabled(config: Config) -> bool:
     return config.canary.enabled and bool(config.canary.feedback_path) and config.record.enabled
 
 
-def _canary(
-    config: Config, keys: Keys, metrics: Metrics, cap: int, candidate: Upstream | None, reports: ReportBuilder
-) -> Canary:
+def _canary(config: Config, keys: Keys, metrics: Metrics, cap: int, reports: ReportBuilder) -> Canary:
     record = config.record
     store = CanaryStore(record.redis_url, keys, socket_timeout=record.socket_timeout)
     controller = Controller(config, record.redis_url, builder=reports)
+    candidate = canary_candidate(config)
     if not config.canary.enabled or candidate is None:
         return Canary(store, controller, None, None, None)
     weights = WeightWatcher(store, metrics, poll_interval=config.canary.weight_poll_interval)
     # The candidate serving live traffic gets a pool of its own, apart from the mirrors' pool.
-    live_candidate = Upstream("candidate", config.candidate)
+    live_candidate = Upstream(candidate.name, candidate)
     reverse = None
     if config.canary.reverse_shadow:
-        reverse = _incumbent_mirror(config, metrics, cap, target="incumbent", role="shadow")
+        rate = config.shadow.sample_rate
+        reverse = _incumbent_mirror(config, metrics, cap, target="incumbent", role="shadow", sample_rate=rate)
     return Canary(store, controller, weights, live_candidate, reverse)
 
 
-def _incumbent_mirror(config: Config, metrics: Metrics, cap: int, *, target: str, role: str) -> ShadowDispatcher:
+def _policy(config: Config, *, routes: tuple[str, ...] | None = None, sample_rate: float) -> MirrorPolicy:
+    shadow = config.shadow
+    return MirrorPolicy(
+        routes=RouteTable.compile(routes if routes is not None else shadow.routes),
+        methods=frozenset(shadow.methods),
+        sample_rate=sample_rate,
+        max_body_bytes=shadow.max_body_bytes,
+    )
+
+
+def _candidate_mirror(config: Config, candidate: CandidateConfig, metrics: Metrics, cap: int) -> ShadowDispatcher:
+    """Mirrors to one candidate: its own pool, routes, sample rate, in-flight cap and spend budget."""
+    rate = candidate.sample_rate if candidate.sample_rate is not None else config.shadow.sample_rate
+    ledger = SpendLedger(candidate.budget_per_hour) if candidate.budget_per_hour > 0 else None
+    return ShadowDispatcher(
+        Upstream(candidate.name, candidate),
+        config.shadow,
+        metrics,
+        capture_cap=cap,
+        policy=_policy(config, routes=candidate.routes, sample_rate=rate),
+        max_in_flight=candidate.max_in_flight,
+        target=candidate.name,
+        ledger=ledger,
+        cost_of=capture_cost(candidate) if ledger is not None else None,
+    )
+
+
+def _incumbent_mirror(
+    config: Config, metrics: Metrics, cap: int, *, target: str, role: str, sample_rate: float
+) -> ShadowDispatcher:
     """Mirrors to the incumbent (A/A copies, reverse shadow) on a client of their own: never the live pool."""
     return ShadowDispatcher(
-        Upstream("incumbent", config.incumbent), config.shadow, metrics, capture_cap=cap, target=target, role=role
+        Upstream("incumbent", config.incumbent),
+        config.shadow,
+        metrics,
+        capture_cap=cap,
+        policy=_policy(config, sample_rate=sample_rate),
+        target=target,
+        role=role,
     )

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from . import logs
 from .admin import RUNTIME, admin_app
 from .canary.feedback import Feedback
+from .comparator.pricing import warm as warm_pricing
 from .config import Config, split_listen
 from .runtime import Runtime, feedback_enabled
 from .store import StoreUnavailable
@@ -77,6 +78,18 @@ async def _recorder_ctx(app: web.Application) -> AsyncIterator[None]:
         await runtime.recorder.close(runtime.config.record.flush_timeout)
 
 
+async def _spend_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Candidates' spend shared through Redis (only when a candidate has a budget)."""
+    spend = app[RUNTIME].spend
+    if spend is not None:
+        # Price data and tokenizers load in a thread, before the first mirror needs them.
+        await asyncio.to_thread(warm_pricing)
+        spend.start()
+    yield
+    if spend is not None:
+        await spend.close()
+
+
 async def _shadow_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     yield
@@ -88,7 +101,7 @@ def main_app(runtime: Runtime) -> web.Application:
     # The body is read by the forwarder with its own limit; aiohttp's own cap must not interfere.
     app = web.Application(client_max_size=runtime.config.limits.max_body_bytes + 1)
     app[RUNTIME] = runtime
-    app.cleanup_ctx.extend([_store_ctx, _sessions_ctx, _canary_ctx, _recorder_ctx, _shadow_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _sessions_ctx, _canary_ctx, _recorder_ctx, _spend_ctx, _shadow_ctx])
     forwarder = runtime.forwarder
     if runtime.canary is not None and feedback_enabled(runtime.config):
         app.router.add_post(runtime.config.canary.feedback_path, Feedback(runtime).handle)
@@ -148,7 +161,7 @@ class ProxyServer:
             listen=f"{host}:{self.port}",
             admin=f"{admin_host}:{self.admin_port}",
             incumbent=self.config.incumbent.url,
-            candidate=self.config.candidate.url or None,
+            candidates={c.name: c.url for c in self.config.candidate} or None,
             recording=self.config.record.enabled,
         )
 

@@ -8,20 +8,30 @@ dropped and counted, never queued behind the live path.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import structlog
 
 from .breaker import Breaker
+from .budget import SpendLedger
 from .config import ShadowConfig
 from .exchange import ArmCapture, Exchange, now
 from .metrics import Metrics
+from .routing import MirrorPolicy
 from .upstream import Upstream
+
+CostOf = Callable[[ArmCapture, bytes], float]
 
 log = structlog.get_logger("shadow_proxy.shadow")
 
 
 class ShadowDispatcher:
-    """Runs mirrors to one upstream, at most ``max_in_flight`` at a time."""
+    """Runs mirrors to one upstream, at most ``max_in_flight`` at a time.
+
+    ``policy`` decides which requests this target wants (its routes, sample rate); ``ledger`` and
+    ``cost_of`` (both or neither) hold a candidate to its spend budget.
+    """
 
     def __init__(
         self,
@@ -30,13 +40,21 @@ class ShadowDispatcher:
         metrics: Metrics,
         *,
         capture_cap: int,
+        policy: MirrorPolicy,
+        max_in_flight: int | None = None,
         target: str = "candidate",
         role: str = "shadow",
+        ledger: SpendLedger | None = None,
+        cost_of: CostOf | None = None,
     ) -> None:
         self.upstream = upstream
         self.target = target
         self.role = role
+        self.policy = policy
+        self.ledger = ledger
+        self._cost_of = cost_of
         self._config = config
+        self._max_in_flight = max_in_flight or config.max_in_flight
         self._metrics = metrics
         self._cap = capture_cap
         self._tasks: set[asyncio.Task[None]] = set()
@@ -47,16 +65,29 @@ class ShadowDispatcher:
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    def dispatch(self, exchange: Exchange, raw_path_qs: str, headers: list[tuple[str, str]]) -> ArmCapture | None:
-        """Start a mirror of the exchange's request; None (and counted) when the set is full or the
-        target refuses connections (the breaker is open)."""
-        if len(self._tasks) >= self._config.max_in_flight:
-            self._metrics.mirrors_skipped.labels(self.target, "full").inc()
-            exchange.shadow_skipped = "full"
-            return None
+    def skip_reason(self, exchange: Exchange) -> str | None:
+        """Why this exchange gets no mirror from this target (a metric label), or None to mirror it."""
+        reason = self.policy.skip_reason(
+            method=exchange.method, path=exchange.path, request_id=exchange.request_id, body_size=len(exchange.body)
+        )
+        if reason is not None:
+            return reason
+        if len(self._tasks) >= self._max_in_flight:
+            return "full"
         if self._breaker is not None and not self._breaker.allow(now()):
-            self._metrics.mirrors_skipped.labels(self.target, "target_down").inc()
-            exchange.shadow_skipped = "target_down"
+            return "target_down"
+        if self.ledger is not None and self.ledger.exhausted(time.time()):
+            return "budget"
+        return None
+
+    def dispatch(self, exchange: Exchange, raw_path_qs: str, headers: list[tuple[str, str]]) -> ArmCapture | None:
+        """Start a mirror of the exchange's request; None (skipped, counted and noted in the exchange)
+        when this target does not want it, its set is full, it refuses connections or its budget is spent."""
+        reason = self.skip_reason(exchange)
+        if reason is not None:
+            self._metrics.mirrors_skipped.labels(self.target, reason).inc()
+            if self.role == "shadow":
+                exchange.shadow_skipped[self.upstream.name] = reason
             return None
         arm = ArmCapture(self.upstream.name, self.role, self._cap, start=now())
         exchange.expect_arm()
@@ -72,12 +103,17 @@ class ShadowDispatcher:
         self, exchange: Exchange, arm: ArmCapture, raw_path_qs: str, headers: list[tuple[str, str]]
     ) -> None:
         try:
-            failure = await self.upstream.capture(arm, exchange.method, raw_path_qs, headers, exchange.body)
+            # Shaped here, in the mirror's own task: the live path never pays for another arm's rewrite.
+            shaped = self.upstream.shaping.apply(exchange.body, headers)
+            arm.model = shaped.model
+            failure = await self.upstream.capture(arm, exchange.method, raw_path_qs, shaped.headers, shaped.body)
             if failure is not None:
                 self._metrics.mirrors_failed.labels(self.target, failure.error).inc()
                 self._metrics.upstream_errors.labels(self.upstream.name, arm.role, failure.error).inc()
                 log.debug("mirror_failed", error=failure.error, detail=failure.detail)
             self._account_breaker(failure.error if failure is not None else None)
+            if self.ledger is not None and self._cost_of is not None and failure is None:
+                self.ledger.add(self._cost_of(arm, shaped.body), time.time())
         except asyncio.CancelledError:
             arm.finish(now(), "cancelled_at_shutdown")
             self._metrics.mirrors_failed.labels(self.target, "cancelled_at_shutdown").inc()

@@ -77,6 +77,9 @@ class Keys:
     def feedback(self, window: int) -> str:
         return f"{self.tag}:fb:{window}"
 
+    def spend(self, candidate: str, minute: int) -> str:
+        return f"{self.tag}:spend:{candidate}:{minute}"
+
 
 def connect(url: str, *, socket_timeout: float) -> aioredis.Redis:
     """A client with pinned behaviour: RESP2 replies, bytes, explicit timeouts, no hidden retries.
@@ -112,11 +115,29 @@ class RecordStore:
             if self._served_ttl:
                 # Which arm served this request, so user feedback can be joined to it later.
                 served = self.keys.served(fields["request_id"].decode())
-                pipe.set(served, fields["served_by"], ex=self._served_ttl)
+                # Feedback compares the two arms of the canary: the incumbent and the candidate it promotes.
+                arm = b"incumbent" if fields["served_by"] == b"incumbent" else b"candidate"
+                pipe.set(served, arm, ex=self._served_ttl)
         try:
             await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def sync_spend(
+        self, candidate: str, added: dict[int, float], minutes: Sequence[int], ttl: int
+    ) -> dict[int, float]:
+        """Add this process's spend per minute to the shared counters; the deployment's totals for ``minutes``."""
+        pipe = self._redis.pipeline(transaction=False)
+        for minute, amount in added.items():
+            key = self.keys.spend(candidate, minute)
+            pipe.incrbyfloat(key, amount)
+            pipe.expire(key, ttl)
+        pipe.mget([self.keys.spend(candidate, m) for m in minutes])
+        try:
+            replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return {m: float(v) for m, v in zip(minutes, replies[-1], strict=True) if v is not None}
 
     async def ping(self) -> tuple[bool, str]:
         try:

@@ -14,6 +14,7 @@ from yarl import URL
 
 from .config import UpstreamConfig
 from .exchange import ArmCapture, now
+from .shaping import Shaping
 
 # aiohttp adds these when absent; a transparent proxy sends only what the client sent.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
@@ -57,6 +58,7 @@ class Upstream:
     def __init__(self, name: str, config: UpstreamConfig) -> None:
         self.name = name
         self.config = config
+        self.shaping = Shaping.from_config(config)
         base = URL(config.url)
         self.origin = str(base.origin())
         self.host = base.host or ""

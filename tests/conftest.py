@@ -96,15 +96,16 @@ async def echo(request: web.Request) -> web.Response:
     return web.json_response({"method": request.method, "path": request.raw_path, "bytes": len(body)})
 
 
-def make_config(**sections: dict[str, Any]) -> Config:
-    """A config for tests: loopback listeners on free ports, no environment, overrides per section."""
+def make_config(**sections: Any) -> Config:
+    """A config for tests: loopback listeners on free ports, no environment, overrides per section
+    (a section is a table, or a list of tables for [[candidate]])."""
     base: dict[str, dict[str, Any]] = {
         "proxy": {"listen": "127.0.0.1:0", "shutdown_timeout": 5.0},
         "admin": {"listen": "127.0.0.1:0"},
         "record": {"retry_interval": 0.05},
     }
     for name, values in sections.items():
-        base[name] = {**base.get(name, {}), **values}
+        base[name] = values if isinstance(values, list) else {**base.get(name, {}), **values}
     return load_config(None, environ={}, overrides=base)
 
 
@@ -113,7 +114,7 @@ async def proxies() -> AsyncIterator[Callable[..., Awaitable[ProxyServer]]]:
     """Factory: start an in-process proxy with make_config(**sections); stopped after the test."""
     started: list[ProxyServer] = []
 
-    async def start(**sections: dict[str, Any]) -> ProxyServer:
+    async def start(**sections: Any) -> ProxyServer:
         server = ProxyServer(make_config(**sections))
         await server.start()
         started.append(server)

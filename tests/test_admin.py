@@ -25,7 +25,7 @@ async def test_healthz_and_readyz_report_ready(upstreams, proxies, redis_url) ->
     assert body["status"] == "ready"
     assert {name: check["ok"] for name, check in body["checks"].items()} == {
         "incumbent": True,
-        "candidate": True,
+        "candidate:candidate": True,
         "redis": True,
     }
 
@@ -44,7 +44,7 @@ async def test_readyz_is_503_when_incumbent_is_down_but_not_for_redis(upstreams,
         async with client.get(f"http://127.0.0.1:{degraded.admin_port}/readyz") as resp:
             body = await resp.json()
             assert resp.status == 200
-            assert body["checks"]["redis"]["ok"] is False and body["checks"]["candidate"]["ok"] is False
+            assert body["checks"]["redis"]["ok"] is False and body["checks"]["candidate:candidate"]["ok"] is False
         async with client.get(f"http://127.0.0.1:{unready.admin_port}/readyz") as resp:
             assert resp.status == 503
             assert (await resp.json())["checks"]["incumbent"] == {"ok": False, "detail": "connect_error"}
@@ -63,7 +63,7 @@ async def test_readyz_health_path_is_used_when_configured(upstreams, proxies) ->
 async def test_metrics_are_prometheus_text(upstreams, proxies) -> None:
     """/metrics serves the text exposition format with the proxy's counters."""
     incumbent = await upstreams(echo)
-    proxy = await proxies(incumbent={"url": incumbent.url}, record={"enabled": False})
+    proxy = await proxies(incumbent={"url": incumbent.url}, candidate={"url": incumbent.url}, record={"enabled": False})
     async with aiohttp.ClientSession() as client:
         async with client.get(f"http://127.0.0.1:{proxy.port}/x"):
             pass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config, masked
+from proxy.config import CandidateConfig, ConfigError, load_config, masked
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -32,7 +32,10 @@ def test_example_config_is_valid_and_complete() -> None:
     config = load_config(example, environ={})
     assert config == load_config(None, environ={}), "the example must show the defaults the code uses"
     text = example.read_text()
-    tables = [(section, values) for section, values in config.model_dump().items()]
+    dumped = config.model_dump()
+    # Candidates are a list (empty by default): document every key of one, in the [candidate] table.
+    dumped["candidate"] = CandidateConfig().model_dump()
+    tables = [(section, values) for section, values in dumped.items()]
     tables += [(f"{s}.{k}", v) for s, values in tables for k, v in values.items() if isinstance(v, dict)]
     for table, values in tables:
         assert f"[{table}]" in text, f"[{table}] is not in config.example.toml"
@@ -42,6 +45,8 @@ def test_example_config_is_valid_and_complete() -> None:
                 entry = text.split(f"[[{table}.{key}]]", 1)[1].split("\n[", 1)[0]
                 for item in value[0]:
                     assert f"\n{item} =" in entry, f"{table}.{key}.{item} is not documented"
+            elif value is None:  # unset by default: shown commented out
+                assert f"\n# {key} =" in body, f"{table}.{key} is not documented in config.example.toml"
             elif not isinstance(value, dict):
                 assert f"\n{key} =" in body, f"{table}.{key} is not documented in config.example.toml"
 
@@ -155,3 +160,64 @@ def test_serve_without_incumbent_exits_2() -> None:
     result = _cli("serve")
     assert result.returncode == 2
     assert "incumbent.url" in result.stderr and "--incumbent" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[candidate]\nurl = "http://c:1"\n[candidate.set_headers]\nauthorization = "Bearer ${NOT_SET_ANYWHERE}"\n',
+            "invalid config key candidate.0.set_headers = ***: header authorization: environment variable "
+            "NOT_SET_ANYWHERE is not set",
+        ),
+        (
+            '[candidate]\nurl = "http://c:1"\nmodel = ["a", "b"]\n',
+            "invalid config key candidate.0.model = ['a', 'b']: expected a model name",
+        ),
+        (
+            '[[candidate]]\nname = "x"\nurl = "http://c:1"\n[[candidate]]\nname = "x"\nurl = "http://d:1"\n',
+            "invalid config key candidate.1.name = 'x': another candidate has this name",
+        ),
+        ('[[candidate]]\nname = "x"\n', "missing config key candidate.0.url"),
+        ('[candidate]\nurl = "http://c:1"\nname = "incumbent"\n', "invalid config key candidate.0.name = 'incumbent'"),
+        ('[candidate]\nurl = "http://c:1"\n[canary]\ncandidate = "y"\n', "invalid config key canary.candidate = 'y'"),
+        (
+            '[candidate]\nurl = "http://c:1"\nremove_headers = ["Host"]\n',
+            "invalid config key candidate.0.remove_headers",
+        ),
+    ],
+)
+def test_candidate_errors_exit_2_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    """Bad candidate shaping or naming stops check-config with exit 2 and one line naming the key."""
+    result = _cli("check-config", str(_write(tmp_path, text)))
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.count("\n") == 1
+    assert expected in result.stderr
+
+
+def test_header_values_come_from_the_environment_or_a_file_and_are_masked(tmp_path: Path) -> None:
+    """${VAR} and ${file:PATH} are resolved at load; check-config shows neither the value nor the secret."""
+    secret_file = tmp_path / "key"
+    secret_file.write_text("file-secret-123\n")
+    text = (
+        '[[candidate]]\nname = "a"\nurl = "http://c:1"\n[candidate.set_headers]\n'
+        'authorization = "Bearer ${CAND_KEY}"\nx-other = "${file:' + str(secret_file) + '}"\n'
+    )
+    config = load_config(_write(tmp_path, text), environ={"CAND_KEY": "env-secret-456"})
+    headers = {k: v.get_secret_value() for k, v in config.candidate[0].set_headers.items()}
+    assert headers == {"authorization": "Bearer env-secret-456", "x-other": "file-secret-123"}
+    printed = str(masked(config)) + repr(config)
+    assert "env-secret-456" not in printed and "file-secret-123" not in printed
+
+
+def test_one_candidate_table_and_flags_still_work(tmp_path: Path) -> None:
+    """[candidate] is one entry named "candidate"; --candidate URL sets it, and is refused with several."""
+    single = load_config(_write(tmp_path, '[candidate]\nurl = "http://c:1"\n'), environ={})
+    assert [(c.name, c.url) for c in single.candidate] == [("candidate", "http://c:1")]
+    flagged = load_config(None, environ={}, overrides={"candidate": {"url": "http://f:1"}})
+    assert [(c.name, c.url) for c in flagged.candidate] == [("candidate", "http://f:1")]
+    several = _write(
+        tmp_path, '[[candidate]]\nname = "a"\nurl = "http://a:1"\n[[candidate]]\nname = "b"\nurl = "http://b:1"\n'
+    )
+    with pytest.raises(ConfigError, match="ambiguous with 2"):
+        load_config(several, environ={}, overrides={"candidate": {"url": "http://f:1"}})

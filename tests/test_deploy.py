@@ -154,7 +154,7 @@ def test_configmap_config_is_valid(tmp_path: Path) -> None:
     assert config.record.redis_url == "redis://redis:6379/0"
     assert config.admin.listen == "0.0.0.0:9901"
     assert config.proxy.workers == 1
-    assert "REPLACE" in config.incumbent.url and "REPLACE" in config.candidate.url
+    assert "REPLACE" in config.incumbent.url and "REPLACE" in config.candidate[0].url
 
 
 def test_configmap_redis_url_names_the_redis_service(tmp_path: Path) -> None:
@@ -367,7 +367,7 @@ def test_compose_proxy_serves_placeholder_upstreams_from_environment(tmp_path: P
     command, config = _service_config("proxy", tmp_path)
     assert command[0] == "serve"
     require_incumbent(config)
-    assert config.candidate.url
+    assert config.candidate[0].url
     assert config.record.redis_url == "redis://redis:6379/0"
     assert config.admin.listen == "0.0.0.0:9901"
 

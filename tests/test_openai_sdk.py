@@ -70,5 +70,6 @@ async def test_openai_sdk_through_the_proxy(upstreams, proxies, redis_url, redis
     await client.close()
     await eventually(lambda: proxy.runtime.metrics.value("shadow_proxy_records_written_total") == 2)
     streamed = records(redis_client)[1]
-    assert b'"content":"hi "' in streamed["body.shadow"] and streamed["body.shadow"].endswith(b"data: [DONE]\n\n")
-    assert streamed["meta"]["arms"]["shadow"]["chunks"]["count"] >= 2
+    shadow_body = streamed["body.shadow.candidate"]
+    assert b'"content":"hi "' in shadow_body and shadow_body.endswith(b"data: [DONE]\n\n")
+    assert streamed["meta"]["arms"]["shadow.candidate"]["chunks"]["count"] >= 2

@@ -42,13 +42,13 @@ async def test_one_record_per_request_with_both_arms(upstreams, proxies, redis_u
     assert [r["request_id"] for r in found] == [b"r0", b"r1", b"r2"]
     record = found[0]
     meta = record["meta"]
-    assert record["v"] == b"1" and meta["v"] == 1
+    assert record["v"] == b"2" and meta["v"] == 2
     assert (meta["method"], meta["path"], meta["query"], meta["route"]) == ("POST", "/v1/chat/completions", "n=0", "/*")
     assert meta["response_status"] == 200 and meta["shadow_skipped"] is None
     assert record["body.request"] == b'{"stream": true}'
     stream = b'data: {"delta": "Hel"}\n\ndata: {"delta": "lo"}\n\ndata: {"delta": "!"}\n\ndata: [DONE]\n\n'
-    assert record["body.live"] == stream and record["body.shadow"] == stream
-    for key, upstream in (("live", "incumbent"), ("shadow", "candidate")):
+    assert record["body.live"] == stream and record["body.shadow.candidate"] == stream
+    for key, upstream in (("live", "incumbent"), ("shadow.candidate", "candidate")):
         arm = meta["arms"][key]
         assert arm["upstream"] == upstream and arm["status"] == 200 and arm["error"] is None
         assert 0 <= arm["start_ms"] <= arm["first_byte_ms"] <= arm["first_chunk_ms"] <= arm["end_ms"]

@@ -59,8 +59,8 @@ async def test_replay_sends_recorded_requests_and_records_new_pairs(
     assert len(replayed) == 6
     for record in replayed:
         meta = record["meta"]
-        assert meta["replay"]["of"] and meta["arms"]["shadow"]["status"] == 200
-        assert orjson.loads(record["body.shadow"])["path"] == meta["path"] + "?" + meta["query"]
+        assert meta["replay"]["of"] and meta["arms"]["shadow.candidate"]["status"] == 200
+        assert orjson.loads(record["body.shadow.candidate"])["path"] == meta["path"] + "?" + meta["query"]
         original = orjson.loads(record["body.live"])
         assert original == {
             "method": "POST",

@@ -39,14 +39,18 @@ def test_route_table_returns_first_matching_glob() -> None:
 
 def test_skip_reasons() -> None:
     """Each way a request is not mirrored has its own reason."""
-    assert _policy().skip_reason(method="POST", route="/v1/*", request_id="r", body_size=10) is None
+    assert _policy().skip_reason(method="POST", path="/v1/x", request_id="r", body_size=10) is None
+    assert _policy().skip_reason(method="GET", path="/v1/x", request_id="r", body_size=1) == "route_not_mirrored"
+    assert _policy().skip_reason(method="POST", path="/v2/x", request_id="r", body_size=1) == "route_not_mirrored"
     assert (
-        _policy().skip_reason(method="POST", route="/v1/*", request_id="r", body_size=1, has_target=False)
-        == "no_candidate"
+        _policy(sample_rate=0.0).skip_reason(method="POST", path="/v1/x", request_id="r", body_size=1) == "not_sampled"
     )
-    assert _policy().skip_reason(method="GET", route="/v1/*", request_id="r", body_size=1) == "route_not_mirrored"
-    assert _policy().skip_reason(method="POST", route=None, request_id="r", body_size=1) == "route_not_mirrored"
-    assert (
-        _policy(sample_rate=0.0).skip_reason(method="POST", route="/v1/*", request_id="r", body_size=1) == "not_sampled"
-    )
-    assert _policy().skip_reason(method="POST", route="/v1/*", request_id="r", body_size=101) == "body_too_large"
+    assert _policy().skip_reason(method="POST", path="/v1/x", request_id="r", body_size=101) == "body_too_large"
+
+
+def test_lower_sample_rates_take_subsets_of_higher_ones() -> None:
+    """Candidates sampled at 10% and 50% see nested samples, so they compare on the same requests."""
+    ids = [f"req-{i}" for i in range(5_000)]
+    low = {i for i in ids if sampled(i, 0.1)}
+    high = {i for i in ids if sampled(i, 0.5)}
+    assert low and low <= high

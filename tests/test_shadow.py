@@ -56,10 +56,10 @@ async def test_hanging_candidate_does_not_hold_the_live_path(upstreams, proxies)
             async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
                 assert resp.status == 200
     await eventually(lambda: len(arrived) == 20)
-    assert not release.is_set() and proxy.runtime.shadow is not None
-    assert proxy.runtime.shadow.in_flight == 20
+    (mirror,) = proxy.runtime.shadows
+    assert not release.is_set() and mirror.in_flight == 20
     release.set()
-    await eventually(lambda: proxy.runtime.shadow.in_flight == 0)
+    await eventually(lambda: mirror.in_flight == 0)
     gauge = proxy.runtime.metrics.value("shadow_proxy_mirrors_in_flight", target="candidate")
     assert gauge == 0
 
@@ -80,7 +80,7 @@ async def test_refusing_candidate_is_counted_and_recorded(upstreams, proxies, re
     await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 5)
     assert metrics.value("shadow_proxy_mirrors_failed_total", target="candidate", error="connect_error") == 5
     for record in records(redis_client):
-        assert record["meta"]["arms"]["shadow"]["error"] == "connect_error"
+        assert record["meta"]["arms"]["shadow.candidate"]["error"] == "connect_error"
         assert record["meta"]["arms"]["live"]["status"] == 200
 
 
@@ -130,7 +130,7 @@ async def test_mirror_cap_drops_and_counts(upstreams, proxies, redis_url, redis_
     release.set()
     await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 5)
     skipped = sorted(str(r["meta"]["shadow_skipped"]) for r in records(redis_client))
-    assert skipped == ["None", "None", "full", "full", "full"]
+    assert skipped == ["None", "None", *["{'candidate': 'full'}"] * 3]
 
 
 async def test_skip_reasons_are_counted(upstreams, proxies) -> None:
@@ -216,8 +216,8 @@ async def test_client_disconnect_cancels_incumbent_but_not_mirror(upstreams, pro
     (record,) = records(redis_client)
     assert record["meta"]["client_disconnected"] is True
     assert record["meta"]["arms"]["live"]["error"] == "client_disconnected"
-    assert record["meta"]["arms"]["shadow"]["error"] is None
-    assert record["body.shadow"] == b"data: c1\n\ndata: c2\n\ndata: [DONE]\n\n"
+    assert record["meta"]["arms"]["shadow.candidate"]["error"] is None
+    assert record["body.shadow.candidate"] == b"data: c1\n\ndata: c2\n\ndata: [DONE]\n\n"
 
 
 async def test_shutdown_cancels_mirrors_past_the_drain_deadline_and_records_them(
@@ -244,4 +244,4 @@ async def test_shutdown_cancels_mirrors_past_the_drain_deadline_and_records_them
     assert metrics.value("shadow_proxy_mirrors_failed_total", target="candidate", error="cancelled_at_shutdown") == 1
     assert metrics.value("shadow_proxy_records_written_total") == 1
     (record,) = records(redis_client)
-    assert record["meta"]["arms"]["shadow"]["error"] == "cancelled_at_shutdown"
+    assert record["meta"]["arms"]["shadow.candidate"]["error"] == "cancelled_at_shutdown"

@@ -1,0 +1,157 @@
+"""A candidate's spend over the last hour, so mirrors stop (reason ``budget``) once it is used up.
+
+The ledger is pure: minute buckets on a ring, added to as mirrors finish, summed over the last
+60 minutes. With several proxy processes each one adds its own spend to a Redis counter per
+candidate and minute (``SpendSync``) and reads back the total of every process,
+so the budget is one budget for the deployment, not one per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .config import CandidateConfig
+from .exchange import ArmCapture
+from .store import StoreUnavailable
+
+BUCKET_SECONDS = 60
+BUCKETS = 60  # one hour
+
+
+class SpendStore(Protocol):
+    """What the sync needs from Redis (``store.RecordStore``)."""
+
+    async def sync_spend(
+        self, candidate: str, added: dict[int, float], minutes: Sequence[int], ttl: int
+    ) -> dict[int, float]: ...
+
+
+@dataclass(slots=True)
+class SpendLedger:
+    """Spend per minute over a sliding hour: local additions and the deployment's total when known."""
+
+    budget_per_hour: float
+    _local: dict[int, float] = field(default_factory=dict)
+    _unsynced: dict[int, float] = field(default_factory=dict)
+    _shared: dict[int, float] = field(default_factory=dict)
+
+    @staticmethod
+    def minute(now: float) -> int:
+        return int(now // BUCKET_SECONDS)
+
+    def add(self, amount: float, now: float) -> None:
+        """Account a finished mirror's cost."""
+        if amount <= 0:
+            return
+        minute = self.minute(now)
+        self._local[minute] = self._local.get(minute, 0.0) + amount
+        self._unsynced[minute] = self._unsynced.get(minute, 0.0) + amount
+        self._forget(minute)
+
+    def spent(self, now: float) -> float:
+        """Spend over the last hour: the deployment's total where it was read, else this process's own."""
+        first = self.minute(now) - BUCKETS + 1
+        minutes = {m for m in (*self._local, *self._shared) if m >= first}
+        total = 0.0
+        for m in minutes:
+            # The shared figure includes what this process wrote up to the last sync; add what it has not.
+            total += max(self._shared.get(m, 0.0) + self._unsynced.get(m, 0.0), self._local.get(m, 0.0))
+        return total
+
+    def exhausted(self, now: float) -> bool:
+        return self.budget_per_hour > 0 and self.spent(now) >= self.budget_per_hour
+
+    def take_unsynced(self) -> dict[int, float]:
+        """Local additions not yet written to the shared counters (and forget them)."""
+        pending, self._unsynced = self._unsynced, {}
+        return pending
+
+    def restore_unsynced(self, pending: dict[int, float]) -> None:
+        """Put back additions whose write failed, so the next sync retries them."""
+        for minute, amount in pending.items():
+            self._unsynced[minute] = self._unsynced.get(minute, 0.0) + amount
+
+    def set_shared(self, totals: dict[int, float], now: float) -> None:
+        """The deployment's spend per minute, as read from the shared counters."""
+        self._shared = dict(totals)
+        self._forget(self.minute(now))
+
+    def _forget(self, minute: int) -> None:
+        oldest = minute - BUCKETS
+        for book in (self._local, self._unsynced, self._shared):
+            for m in [m for m in book if m <= oldest]:
+                del book[m]
+
+
+class SpendSync:
+    """Shares each candidate's spend between proxy processes through Redis, once per interval.
+
+    A failed sync keeps the additions for the next one; meanwhile each process holds to the budget
+    with what it knows (its own spend plus the total last read).
+    """
+
+    def __init__(self, store: SpendStore, ledgers: dict[str, SpendLedger], *, interval: float = 1.0) -> None:
+        self._store = store
+        self._ledgers = ledgers
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    def start(self) -> None:
+        if self._ledgers:
+            self._task = asyncio.create_task(self._run(), name="spend-sync")
+
+    async def sync(self, now: float) -> None:
+        minute = SpendLedger.minute(now)
+        minutes = list(range(minute - BUCKETS + 1, minute + 1))
+        for name, ledger in self._ledgers.items():
+            added = ledger.take_unsynced()
+            try:
+                totals = await self._store.sync_spend(name, added, minutes, 2 * BUCKETS * BUCKET_SECONDS)
+            except StoreUnavailable:
+                ledger.restore_unsynced(added)
+                continue
+            ledger.set_shared(totals, now)
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await self.sync(time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._interval)
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            await self.sync(time.time())  # what was spent since the last turn
+
+
+def capture_cost(candidate: CandidateConfig) -> Callable[[ArmCapture, bytes], float]:
+    """How much one finished mirror cost: the usage its answer reports (counted from text when it has
+    none) priced by the candidate's table, else by the maintained price list; 0 when neither knows."""
+    from .comparator.parse import parse_body, prompt_text
+    from .comparator.pricing import PriceBook, Usage, count_tokens
+
+    price = candidate.price
+    table = (price.input_per_1k, price.output_per_1k) if price.input_per_1k or price.output_per_1k else None
+    book = PriceBook(table)
+
+    def cost_of(arm: ArmCapture, request_body: bytes) -> float:
+        headers = {k.lower(): v for k, v in arm.headers}
+        output = parse_body(arm.body, headers.get("content-type", ""), truncated=arm.truncated)
+        model = output.model or arm.model
+        prompt = output.prompt_tokens
+        if prompt is None:
+            prompt = count_tokens(model, prompt_text(request_body))[0]
+        completion = output.completion_tokens
+        if completion is None:
+            completion = count_tokens(model, output.text or "")[0]
+        usage = Usage(prompt, completion, output.cached_tokens or 0, output.reasoning_tokens or 0)
+        return book.price(model, usage).amount or 0.0
+
+    return cost_of
