@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 from proxy.comparator.metrics import (
-    Price,
     Tolerance,
+    arm_cost,
     compare,
     cosine,
-    cost,
     exact_match,
     json_diff,
     normalise_text,
     text_similarity,
     token_similarity,
 )
-from proxy.comparator.parse import Arm, Output
+from proxy.comparator.parse import Arm, Output, Record
+from proxy.comparator.pricing import PriceBook
 
 TOL = Tolerance(frozenset({"id", "created"}), abs_tol=1e-6, rel_tol=1e-3)
 
@@ -92,12 +92,42 @@ def test_cosine(a: list[float], b: list[float], expected: float | None) -> None:
     assert result == pytest.approx(expected) if expected is not None else result is None
 
 
-def test_cost_from_usage_and_estimated_without_it() -> None:
-    """Cost uses the usage block and the price per 1k tokens; without usage it is estimated and marked."""
-    price = Price(input_per_1k=1.0, output_per_1k=2.0)
-    assert cost(Output("chat", text="x", prompt_tokens=1000, completion_tokens=500), "", price) == (2.0, False)
-    estimated, flag = cost(Output("chat", text="a" * 400), "b" * 4000, price)
-    assert flag is True and estimated == pytest.approx(1.0 * 1 + 2.0 * 0.1)
+def test_cost_from_usage_and_counted_without_it() -> None:
+    """Cost uses the usage block and the price per 1k tokens; without usage the tokens are counted and marked."""
+    book = PriceBook((1.0, 2.0))
+    record = Record("r", 0.0, "/*", "gpt-4o", False, "hello world")
+    priced = arm_cost(_arm(Output("chat", text="x", prompt_tokens=1000, completion_tokens=500)), record, book)
+    assert (priced.amount, priced.source, priced.estimated) == (2.0, "table", False)
+    counted = arm_cost(_arm(Output("chat", text="hello world")), record, book)
+    # o200k_base (gpt-4o's tokenizer): "hello world" is 2 tokens, as prompt and as answer.
+    assert counted.estimated and counted.output_tokens == 2
+    assert counted.amount == pytest.approx((2 * 1.0 + 2 * 2.0) / 1000)
+
+
+def test_cost_from_the_maintained_price_list_and_unknown_models() -> None:
+    """Without a table a known model is priced from the price list; an unknown one stays unpriced."""
+    record = Record("r", 0.0, "/*", "-", False, "")
+    known = arm_cost(
+        _arm(Output("chat", text="x", model="gpt-4o-mini", prompt_tokens=10, completion_tokens=5)),
+        record,
+        PriceBook(None),
+    )
+    assert known.amount is not None and known.amount > 0 and known.source.startswith("genai-prices:")
+    unknown = arm_cost(
+        _arm(Output("chat", text="x", model="my-own-llama", prompt_tokens=10, completion_tokens=5)),
+        record,
+        PriceBook(None),
+    )
+    assert (unknown.amount, unknown.source) == (None, "unknown")
+
+
+def test_structured_outputs_are_compared_field_by_field() -> None:
+    """JSON-mode answers that differ only in formatting or key order are equal; a changed field is named."""
+    a = Output("chat", text='{"a": 1, "b": [1, 2]}', document={"a": 1, "b": [1, 2]})
+    same = Output("chat", text='{"b":[1,2],"a":1}', document={"b": [1, 2], "a": 1})
+    other = Output("chat", text='{"a": 2, "b": [1, 2]}', document={"a": 2, "b": [1, 2]})
+    assert exact_match(a, same, TOL) == (True, ())
+    assert exact_match(a, other, TOL) == (False, ("a",))
 
 
 def test_compare_counts_errors_apart_from_divergence() -> None:

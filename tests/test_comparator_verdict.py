@@ -83,3 +83,12 @@ def test_drift_flags_a_rate_that_moves_across_the_range() -> None:
     flags = {d["metric"]: d["drift"] for d in _drift(windows, 20.0)}
     assert flags["error_rate.candidate"] is True
     assert flags["error_rate.incumbent"] is False
+
+
+def test_a_single_priced_pair_leaves_the_cost_gate_inconclusive() -> None:
+    """One pair cannot be bootstrapped: the gate says it needs more instead of failing the report."""
+    from proxy.comparator.verdict import cost_gate
+    from proxy.config import GatesConfig
+
+    gate = cost_gate({}, [[10.0, 12.0, -1, -1, 0.002, 0.001, 0, 0, 0]], GatesConfig())
+    assert gate.outcome == "inconclusive" and gate.need_more_pairs == GatesConfig().min_pairs - 1

@@ -96,7 +96,7 @@ async def test_entries_applied_but_not_acknowledged_are_reclaimed_without_double
     """A worker that wrote its aggregates and died before XACK: the survivor reclaims, totals stay exact."""
     await produce(upstreams, proxies, redis_url, 40)
     config = _config(redis_url)
-    from proxy.comparator.aggregate import contribution
+    from proxy.comparator.aggregate import contributions
     from proxy.comparator.parse import parse_record
     from proxy.comparator.worker import settings_from
 
@@ -110,7 +110,8 @@ async def test_entries_applied_but_not_acknowledged_are_reclaimed_without_double
     )
     await dead.ensure_group()
     entries = await dead.read_new(25, 0)
-    await dead.apply([contribution(parse_record(fields), settings_from(config)) for _, fields in entries])
+    settings = settings_from(config)
+    await dead.apply([c for _, fields in entries for c in contributions(parse_record(fields), settings)])
     await dead.close()  # never acknowledged
     assert redis_client.xpending("{shadow}:records", "comparators")["pending"] == 25
     progress = await _burst(redis_url, claim_idle_ms=100)

@@ -343,3 +343,28 @@ async def test_dashboard_without_recording_says_so(browser: Browser, admin: str,
     assert await browser.page.inner_text("#canary-body") == "No canary: recording is disabled."
     assert await browser.page.inner_text("#problem") == "No report: recording is disabled."
     assert browser.page_errors == []
+
+
+async def test_each_candidate_can_be_shown(browser: Browser, upstreams, proxies, redis_url) -> None:
+    """With two candidates the selector lists both with their verdicts, and choosing one shows its report."""
+    incumbent = await upstreams(chat_server(5))
+    same = await upstreams(chat_server(5))
+    wordy = await upstreams(chat_server(5, variant=True))
+    sections: dict[str, Any] = {
+        "incumbent": {"url": incumbent.url},
+        "candidate": [{"name": "same", "url": same.url}, {"name": "wordy", "url": wordy.url}],
+        "record": {"redis_url": redis_url},
+        "compare": {"window_seconds": 1},
+    }
+    result = Stack(await proxies(**sections), sections, redis_url)
+    await result.traffic(range(30))
+    await browser.open(result.admin)
+    options = await browser.page.eval_on_selector_all("#candidate option", "os => os.map(o => o.value)")
+    assert options == ["", "same", "wordy"]
+    assert "default (same)" in await browser.page.inner_text("#candidate")
+    before = (await browser.state())["refreshes"]
+    await browser.page.select_option("#candidate", "wordy")
+    await browser.page.wait_for_function(f"() => window.shadowDashboard.refreshes > {before}")
+    assert any(url.endswith("api/report?candidate=wordy") for url in browser.requested)
+    assert await browser.page.input_value("#candidate") == "wordy"
+    assert not browser.page_errors and not browser.console_errors

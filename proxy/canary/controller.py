@@ -21,7 +21,7 @@ import structlog
 from ..comparator.offload import INLINE, ReportBuilder
 from ..comparator.store import AggregateReader
 from ..comparator.verdict import satisfaction_gate
-from ..config import Config
+from ..config import Config, canary_candidate
 from ..store import Keys, StoreUnavailable
 from .state import ACTIVE, CanaryState, Policy, Stage, Transition, evaluate, initial, manual
 from .store import CanaryStore
@@ -66,8 +66,14 @@ class Controller:
         """Gate outcomes and pairs over the current stage's window only."""
         compare = self.config.compare
         windows = await self.reader.load(state.stage_started, now, compare.examples_per_window)
+        candidate = canary_candidate(self.config)
         report = await self.builder.build(
-            windows, await self.reader.segments(), compare, since=state.stage_started, until=now
+            windows,
+            await self.reader.segments(),
+            compare,
+            since=state.stage_started,
+            until=now,
+            candidate=candidate.name if candidate is not None else None,
         )
         gates = {g["name"]: g for g in report["verdict"]["gates"]}
         gates["satisfaction"] = (await self._satisfaction(state, now)).as_dict()

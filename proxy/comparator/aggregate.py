@@ -18,8 +18,9 @@ import orjson
 from ddsketch import DDSketch
 from ddsketch.mapping import LogarithmicMapping
 
-from .metrics import PairMetrics, Price, Tolerance, compare, cost, output_tokens
+from .metrics import PairMetrics, Tolerance, arm_cost, compare
 from .parse import Arm, Record
+from .pricing import PriceBook
 
 RELATIVE_ACCURACY = 0.01
 MAPPING = LogarithmicMapping(RELATIVE_ACCURACY)
@@ -27,46 +28,60 @@ SKETCHED = ("lat", "ttfb", "ttft")
 EXAMPLE_TEXT_CAP = 2000
 
 
+NO_CANDIDATE = "-"  # the segment of records no candidate was asked about
+
+
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """The slice of traffic a record belongs to."""
+    """The slice of traffic a record belongs to, for one candidate (each is compared on its own)."""
 
     route: str
     model: str
     streaming: bool
+    candidate: str = "candidate"
 
     @property
     def id(self) -> str:
-        return _segment_id(self.route, self.model, self.streaming)
+        return _segment_id(self.route, self.model, self.streaming, self.candidate)
 
     def json(self) -> bytes:
-        return orjson.dumps({"route": self.route, "model": self.model, "streaming": self.streaming})
+        return _segment_json(self.route, self.model, self.streaming, self.candidate)
 
     def label(self) -> str:
-        return f"{self.route} model={self.model} {'stream' if self.streaming else 'plain'}"
+        return f"{self.candidate}: {self.route} model={self.model} {'stream' if self.streaming else 'plain'}"
+
+
+def _segment_json(route: str, model: str, streaming: bool, candidate: str) -> bytes:
+    return orjson.dumps({"route": route, "model": model, "streaming": streaming, "candidate": candidate})
 
 
 @functools.lru_cache(maxsize=4096)
-def _segment_id(route: str, model: str, streaming: bool) -> str:
-    body = orjson.dumps({"route": route, "model": model, "streaming": streaming})
-    return hashlib.blake2b(body, digest_size=6).hexdigest()
+def _segment_id(route: str, model: str, streaming: bool, candidate: str) -> str:
+    return hashlib.blake2b(_segment_json(route, model, streaming, candidate), digest_size=6).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """What the aggregation needs from the config."""
+    """What the aggregation needs from the config: tolerances and each arm's prices by name."""
 
     window_seconds: int
     tolerance: Tolerance
-    incumbent_price: Price
-    candidate_price: Price
+    prices: Mapping[str, PriceBook]
+
+    def book(self, arm: str) -> PriceBook:
+        """The arm's prices; an arm the config does not name is priced from the maintained list."""
+        return self.prices.get(arm) or _LIST_PRICES
+
+
+_LIST_PRICES = PriceBook(None)
 
 
 @dataclass(frozen=True, slots=True)
 class Contribution:
-    """What one record adds to its window and segment."""
+    """What one record adds to one candidate's window and segment."""
 
     request_id: str
+    dedup_id: str  # request id and candidate: a record counts once per candidate, however often it is read
     window: int
     segment: Segment
     counters: dict[str, float]
@@ -84,25 +99,40 @@ def sketch_key(value: float) -> str:
     return str(MAPPING.key(value)) if value > 0 else "z"
 
 
-def _arms(record: Record) -> tuple[Arm | None, Arm | None, Arm | None]:
-    """(incumbent, candidate, incumbent's A/A noise copy) whatever role each played."""
-    incumbent = candidate = noise = None
+def _arms(record: Record) -> tuple[Arm | None, dict[str, Arm], Arm | None]:
+    """(incumbent, candidates by name, incumbent's A/A noise copy) whatever role each played."""
+    incumbent = noise = None
+    candidates: dict[str, Arm] = {}
     for arm in record.arms.values():
         if arm.role == "noise":
             noise = arm
         elif arm.upstream == "incumbent":
             incumbent = arm
-        elif arm.upstream == "candidate":
-            candidate = arm
-    return incumbent, candidate, noise
+        else:
+            candidates[arm.upstream] = arm
+    return incumbent, candidates, noise
 
 
-def contribution(record: Record, settings: Settings) -> Contribution:
-    """Counters, reservoir sample and example that one record contributes."""
+def contributions(record: Record, settings: Settings) -> list[Contribution]:
+    """What one record contributes to each candidate it concerns: mirrored to it, or skipped for it."""
+    incumbent, candidates, noise = _arms(record)
+    names = sorted(candidates.keys() | {n for n in record.skipped if n != "incumbent"}) or [NO_CANDIDATE]
+    noise_metrics = compare(incumbent, noise, settings.tolerance) if incumbent is not None and noise else None
+    return [contribution(record, settings, name, incumbent, candidates.get(name), noise_metrics) for name in names]
+
+
+def contribution(
+    record: Record,
+    settings: Settings,
+    name: str,
+    incumbent: Arm | None,
+    candidate: Arm | None,
+    noise: PairMetrics | None,
+) -> Contribution:
+    """Counters, reservoir sample and example that one record contributes for one candidate."""
     window = int(record.time // settings.window_seconds) * settings.window_seconds
-    segment = Segment(record.route, record.model, record.streaming)
+    segment = Segment(record.route, record.model, record.streaming, name)
     counters: dict[str, float] = {"records": 1}
-    incumbent, candidate, noise = _arms(record)
     pair = example = score = None
     if incumbent is not None and candidate is not None:
         metrics = compare(incumbent, candidate, settings.tolerance)
@@ -113,9 +143,14 @@ def contribution(record: Record, settings: Settings) -> Contribution:
             example = _example(record, metrics, incumbent, candidate)
     else:
         counters["unpaired"] = 1
-    if incumbent is not None and noise is not None:
-        _noise_counters(counters, compare(incumbent, noise, settings.tolerance))
-    return Contribution(record.request_id, window, segment, counters, pair, score, example)
+        skipped = record.skipped.get(name)
+        if skipped:
+            counters[f"skipped:{skipped}"] = 1
+    if noise is not None:
+        _noise_counters(counters, noise)
+    return Contribution(
+        record.request_id, f"{record.request_id}|{name}", window, segment, counters, pair, score, example
+    )
 
 
 def _add_sketch(counters: dict[str, float], name: str, arm: str, value: float | None) -> None:
@@ -136,32 +171,45 @@ def _pair_counters(c: dict[str, float], m: PairMetrics, inc: Arm, cand: Arm, rec
         c["err:inc_only"] = 1
     if not m.status_match:
         c["status_mismatch"] = 1
+    for arm_name, arm in (("inc", inc), ("cand", cand)):
+        c[f"shape:{arm_name}:{arm.output.shape}"] = 1
+        if arm.output.parse_error:
+            c[f"parse_err:{arm_name}:{arm.output.parse_error}"] = 1
     if m.outcome_base is None and m.outcome_other is None:
-        c["div_n"] = 1
-        c["div"] = int(m.diverged)
-        c[f"h:sim:cand:{int(m.similarity * 100)}"] = 1
-        c["sim_sum"] = m.similarity
-        for name, value in (("tsim", m.text_similarity), ("toksim", m.token_similarity), ("cos", m.embedding_cosine)):
-            if value is not None:
-                c[f"{name}_sum"] = value
-                c[f"{name}_n"] = 1
-        for name, flag in (("label", m.label_match), ("tool", m.tool_calls_match)):
-            if flag is not None:
-                c[f"{name}_n"] = 1
-                c[f"{name}_match"] = int(flag)
-        for arm_name, arm, price in (("inc", inc, s.incumbent_price), ("cand", cand, s.candidate_price)):
-            tokens, estimated = output_tokens(arm.output)
-            spent, cost_estimated = cost(arm.output, record.prompt_text, price)
-            c[f"tok_out:{arm_name}"] = tokens
-            c[f"cost:{arm_name}"] = spent
-            c[f"cost_n:{arm_name}"] = 1
-            if estimated or cost_estimated:
+        if inc.output.truncated or cand.output.truncated:
+            # Cut by the capture cap: timings and status hold, but the answers are not whole.
+            c["truncated"] = 1
+        else:
+            _divergence_counters(c, m)
+        for arm_name, arm, book in (("inc", inc, s.book("incumbent")), ("cand", cand, s.book(cand.upstream))):
+            charge = arm_cost(arm, record, book)
+            c[f"tok_out:{arm_name}"] = charge.output_tokens
+            c[f"price_src:{arm_name}:{charge.source}"] = 1
+            if charge.amount is not None:
+                c[f"cost:{arm_name}"] = charge.amount
+                c[f"cost_n:{arm_name}"] = 1
+            if charge.estimated:
                 c[f"tok_est:{arm_name}"] = 1
     for arm_name, arm in (("inc", inc), ("cand", cand)):
         if arm.outcome is None:
             _add_sketch(c, "lat", arm_name, arm.duration_ms)
             _add_sketch(c, "ttfb", arm_name, arm.ttfb_ms)
             _add_sketch(c, "ttft", arm_name, arm.ttft_ms)
+
+
+def _divergence_counters(c: dict[str, float], m: PairMetrics) -> None:
+    c["div_n"] = 1
+    c["div"] = int(m.diverged)
+    c[f"h:sim:cand:{int(m.similarity * 100)}"] = 1
+    c["sim_sum"] = m.similarity
+    for name, value in (("tsim", m.text_similarity), ("toksim", m.token_similarity), ("cos", m.embedding_cosine)):
+        if value is not None:
+            c[f"{name}_sum"] = value
+            c[f"{name}_n"] = 1
+    for name, flag in (("label", m.label_match), ("tool", m.tool_calls_match)):
+        if flag is not None:
+            c[f"{name}_n"] = 1
+            c[f"{name}_match"] = int(flag)
 
 
 def _noise_counters(c: dict[str, float], m: PairMetrics) -> None:
@@ -175,7 +223,7 @@ def _noise_counters(c: dict[str, float], m: PairMetrics) -> None:
 
 def _pair_sample(m: PairMetrics, inc: Arm, cand: Arm, counters: dict[str, float]) -> list[float] | None:
     if m.outcome_base is not None or m.outcome_other is not None:
-        return [-1, -1, -1, -1, 0, 0, float(m.outcome_base is not None), float(m.outcome_other is not None), 0]
+        return [-1, -1, -1, -1, -1, -1, float(m.outcome_base is not None), float(m.outcome_other is not None), 0]
     if inc.duration_ms is None or cand.duration_ms is None:
         return None
     return [
@@ -183,8 +231,8 @@ def _pair_sample(m: PairMetrics, inc: Arm, cand: Arm, counters: dict[str, float]
         cand.duration_ms,
         inc.ttft_ms if inc.ttft_ms is not None else -1,
         cand.ttft_ms if cand.ttft_ms is not None else -1,
-        counters.get("cost:inc", 0.0),
-        counters.get("cost:cand", 0.0),
+        counters.get("cost:inc", -1.0),  # -1: no price known for this arm's model (left out of the cost gate)
+        counters.get("cost:cand", -1.0),
         0.0,
         0.0,
         float(m.diverged),

@@ -11,9 +11,8 @@ import numpy as np
 from rapidfuzz import fuzz
 from rapidfuzz.distance import Levenshtein
 
-from .parse import Arm, Output
-
-CHARS_PER_TOKEN = 4.0  # the usual rule of thumb for English text when no usage block is given
+from .parse import Arm, Output, Record
+from .pricing import PriceBook, Usage, count_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,14 +22,6 @@ class Tolerance:
     ignore_paths: frozenset[str] = frozenset()
     abs_tol: float = 1e-6
     rel_tol: float = 1e-3
-
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """Price per 1,000 input and output tokens."""
-
-    input_per_1k: float = 0.0
-    output_per_1k: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +120,12 @@ def exact_match(
     """Whether two outputs are the same answer, and which JSON fields differ (``texts``: already normalised)."""
     norm_a, norm_b = texts or (normalise_text(a.text or ""), normalise_text(b.text or ""))
     if a.kind in ("chat", "completion") and b.kind == a.kind:
-        if norm_a != norm_b:
+        if a.document is not None and b.document is not None:
+            # JSON mode / structured outputs: the same fields within tolerance, whatever the formatting.
+            diffs = tuple(json_diff(a.document, b.document, tol))[:20]
+            if diffs:
+                return False, diffs
+        elif norm_a != norm_b:
             return False, ("text",)
         return (True, ()) if a.tool_calls == b.tool_calls else (False, ("tool_calls",))
     if a.kind == "embedding" and b.kind == "embedding":
@@ -147,24 +143,34 @@ def exact_match(
     return same, () if same else ("body",)
 
 
-def estimated_tokens(text: str | None) -> int:
-    """Tokens estimated from text length when the answer carried no usage block."""
-    return int(math.ceil(len(text or "") / CHARS_PER_TOKEN))
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one answer cost, where its price came from, and whether its tokens were counted by us."""
+
+    amount: float | None
+    source: str
+    output_tokens: int
+    estimated: bool
 
 
-def output_tokens(output: Output) -> tuple[int, bool]:
-    """Output tokens and whether they were estimated."""
-    if output.completion_tokens is not None:
-        return int(output.completion_tokens), False
-    return estimated_tokens(output.text), True
+def arm_cost(arm: Arm, record: Record, book: PriceBook) -> Charge:
+    """The cost of one arm's answer: its usage block priced by the arm's book; tokens the answer did not
+    report are counted with the model's tokenizer (and the charge is marked estimated)."""
+    output = arm.output
+    model = output.model or arm.model or (record.model if record.model != "-" else None)
+    prompt, completion = output.prompt_tokens, output.completion_tokens
+    estimated = prompt is None or completion is None
+    if prompt is None:
+        prompt = count_tokens(model, record.prompt_text)[0]
+    if completion is None:
+        completion = count_tokens(model, output.text or "")[0]
+    usage = Usage(int(prompt), int(completion), int(output.cached_tokens or 0), int(output.reasoning_tokens or 0))
+    priced = book.price(model, usage)
+    return Charge(priced.amount, priced.source, int(completion), estimated)
 
 
-def cost(output: Output, prompt_text: str, price: Price) -> tuple[float, bool]:
-    """Cost of one answer from the price table and its usage block (estimated from text when absent)."""
-    estimated = output.prompt_tokens is None or output.completion_tokens is None
-    prompt = output.prompt_tokens if output.prompt_tokens is not None else estimated_tokens(prompt_text)
-    completion, _ = output_tokens(output)
-    return (prompt * price.input_per_1k + completion * price.output_per_1k) / 1000.0, estimated
+def _delta_int(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else int(b) - int(a)
 
 
 def _delta(a: float | None, b: float | None) -> float | None:
@@ -194,5 +200,5 @@ def compare(base: Arm, other: Arm, tol: Tolerance) -> PairMetrics:
         ttfb_delta_ms=_delta(base.ttfb_ms, other.ttfb_ms),
         ttft_delta_ms=_delta(base.ttft_ms, other.ttft_ms),
         gap_delta_ms=_delta(base.gap_p50_ms, other.gap_p50_ms),
-        output_tokens_delta=output_tokens(b)[0] - output_tokens(a)[0],
+        output_tokens_delta=_delta_int(a.completion_tokens, b.completion_tokens),
     )

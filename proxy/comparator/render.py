@@ -23,9 +23,19 @@ def render(report: dict[str, Any], console: Console) -> None:
     s = report["summary"]
     verdict = report["verdict"]["outcome"]
     console.print(
-        f"[bold]shadow-proxy report[/bold]: {s['pairs']} pairs ({s['records']} records) in "
+        f"[bold]shadow-proxy report[/bold], candidate [bold]{report['candidate']}[/bold] vs incumbent: "
+        f"{s['pairs']} pairs ({s['records']} records) in "
         f"{report['range']['windows']} windows - verdict [{_STYLE[verdict]}]{verdict.upper()}[/]"
     )
+    if len(report["candidates"]) > 1:
+        others = Table(title="Candidates (each against the incumbent on the same requests; --candidate NAME)")
+        for column in ("candidate", "pairs", "verdict", "gates"):
+            others.add_column(column)
+        for item in report["candidates"]:
+            outcomes = ", ".join(f"{name} {outcome}" for name, outcome in item["gates"].items())
+            verdict_text = f"[{_STYLE[item['verdict']]}]{item['verdict']}[/]"
+            others.add_row(item["name"], str(item["pairs"]), verdict_text, outcomes)
+        console.print(others)
     latency = Table(title="Latency (ms)")
     for column in ("metric", "arm", "p50", "p95", "p99", "n"):
         latency.add_column(column, justify="right" if column not in ("metric", "arm") else "left")

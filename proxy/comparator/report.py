@@ -11,11 +11,11 @@ import numpy as np
 from scipy import stats
 
 from ..config import CompareConfig
-from .aggregate import MAPPING, merge, quantiles
+from .aggregate import MAPPING, NO_CANDIDATE, merge, quantiles
 from .store import WindowData
 from .verdict import Gate, correct_segments, evaluate, overall, satisfaction_gate
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: one candidate's report with every candidate's verdict (docs/report.md)
 
 
 def _rate(k: float, n: float) -> float | None:
@@ -30,6 +30,26 @@ def _mean(counters: dict[str, float], name: str) -> float | None:
 def _errors_by_class(counters: dict[str, float], arm: str) -> dict[str, int]:
     prefix = f"out:{arm}:"
     return {k[len(prefix) :]: int(v) for k, v in counters.items() if k.startswith(prefix) and not k.endswith(":ok")}
+
+
+def _by_prefix(counters: dict[str, float], prefix: str) -> dict[str, int]:
+    return {k[len(prefix) :]: int(v) for k, v in sorted(counters.items()) if k.startswith(prefix) and v}
+
+
+def _answers(counters: dict[str, float]) -> dict[str, Any]:
+    """Which answer shapes were recognised per arm, what could not be read, what was cut by the cap."""
+    n = counters.get("n", 0)
+    arms: dict[str, Any] = {}
+    for arm, key in (("incumbent", "inc"), ("candidate", "cand")):
+        shapes = _by_prefix(counters, f"shape:{key}:")
+        known = sum(v for k, v in shapes.items() if k not in ("unknown",))
+        arms[arm] = {
+            "shapes": shapes,
+            "recognised_share": _rate(known, n),
+            "parse_errors": _by_prefix(counters, f"parse_err:{key}:"),
+            "price_sources": _by_prefix(counters, f"price_src:{key}:"),
+        }
+    return {**arms, "truncated": int(counters.get("truncated", 0)), "skipped": _by_prefix(counters, "skipped:")}
 
 
 def summary(counters: dict[str, float]) -> dict[str, Any]:
@@ -81,7 +101,9 @@ def summary(counters: dict[str, float]) -> dict[str, Any]:
             "embedding_cosine_mean": _mean(counters, "cos"),
             "label_agreement": _rate(counters.get("label_match", 0), counters.get("label_n", 0)),
             "tool_call_agreement": _rate(counters.get("tool_match", 0), counters.get("tool_n", 0)),
+            "truncated_pairs": int(counters.get("truncated", 0)),
         },
+        "answers": _answers(counters),
     }
 
 
@@ -216,10 +238,61 @@ def build(
     feedback: dict[str, float] | None = None,
     min_feedback: int = 30,
     satisfaction_drop_max: float = 0.05,
+    candidate: str | None = None,
 ) -> dict[str, Any]:
-    """The full report for the windows in range (optionally only segments matching the filter)."""
+    """The report of one candidate against the incumbent (``candidate``, else the first one seen) for the
+    windows in range (optionally only segments matching the filter), with every candidate's verdict."""
     if segment_filter:
         windows = [w for w in windows if _matches(segments.get(w.segment, {}), segment_filter)]
+    by_candidate: dict[str, list[WindowData]] = defaultdict(list)
+    for data in windows:
+        by_candidate[candidate_of(segments.get(data.segment, {}))].append(data)
+    names = sorted(n for n in by_candidate if n != NO_CANDIDATE)
+    selected = candidate if candidate is not None else (names[0] if names else NO_CANDIDATE)
+    others = [_candidate_brief(n, by_candidate[n], cfg) for n in names]
+    report = _build_one(
+        by_candidate.get(selected, []),
+        segments,
+        cfg,
+        since=since,
+        until=until,
+        examples=examples,
+        feedback=feedback,
+        min_feedback=min_feedback,
+        satisfaction_drop_max=satisfaction_drop_max,
+    )
+    return {"version": REPORT_VERSION, "candidate": selected, "candidates": others, **report}
+
+
+def candidate_of(segment: dict[str, Any]) -> str:
+    """The candidate a segment compares (segments written before there were several are "candidate")."""
+    return str(segment.get("candidate", "candidate"))
+
+
+def _candidate_brief(name: str, windows: Sequence[WindowData], cfg: CompareConfig) -> dict[str, Any]:
+    total = merge(w.counters for w in windows)
+    gates = evaluate(total, [p for w in windows for p in w.pairs], cfg.gates)
+    return {
+        "name": name,
+        "records": int(total.get("records", 0)),
+        "pairs": int(total.get("n", 0)),
+        "verdict": overall(gates),
+        "gates": {g.name: g.outcome for g in gates},
+    }
+
+
+def _build_one(
+    windows: Sequence[WindowData],
+    segments: dict[str, dict[str, Any]],
+    cfg: CompareConfig,
+    *,
+    since: float,
+    until: float,
+    examples: int,
+    feedback: dict[str, float] | None,
+    min_feedback: int,
+    satisfaction_drop_max: float,
+) -> dict[str, Any]:
     by_segment: dict[str, list[WindowData]] = defaultdict(list)
     for data in windows:
         by_segment[data.segment].append(data)
@@ -247,7 +320,6 @@ def build(
     ranked = sorted((e for w in windows for e in w.examples), key=_example_rank, reverse=True)[:examples]
     _attach_examples(gates, ranked)
     return {
-        "version": REPORT_VERSION,
         "generated_at": time.time(),
         "range": {"since": since, "until": until, "windows": len({w.window for w in windows})},
         "summary": {**summary(total), "satisfaction": satisfaction_summary(feedback or {}, cfg.gates.confidence)},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..config import Config
+from ..config import Config, canary_candidate
 from ..store import Keys
 from .offload import INLINE, ReportBuilder
 from .store import AggregateReader
@@ -18,8 +18,10 @@ async def report_from(
     since_seconds: float,
     segment_filter: dict[str, str] | None = None,
     builder: ReportBuilder = INLINE,
+    candidate: str | None = None,
 ) -> dict[str, Any]:
-    """Build the report for the last `since_seconds` and store it as the latest verdict."""
+    """Build one candidate's report for the last `since_seconds` (default: the canary's candidate, else the
+    first configured) and store it as the latest verdict when it is the default view."""
     until = time.time()
     since = until - since_seconds
     # A window is included when it starts inside the range (or is the one in progress at its start).
@@ -36,21 +38,35 @@ async def report_from(
         feedback=feedback,
         min_feedback=config.canary.min_feedback,
         satisfaction_drop_max=config.canary.satisfaction_drop_max,
+        candidate=candidate or default_candidate(config),
     )
     report["workers"] = await reader.workers()
     report["pending"] = await reader.pending(config.compare.group)
-    if not segment_filter:
+    if not segment_filter and not candidate:
         await reader.save_verdict(report, config.compare.window_ttl)
     return report
 
 
+def default_candidate(config: Config) -> str | None:
+    """The candidate a report shows unless asked: the canary's, else the first configured (None: first seen)."""
+    chosen = canary_candidate(config)
+    return chosen.name if chosen is not None else None
+
+
 async def load_report(
-    config: Config, redis_url: str, *, since_seconds: float, segment_filter: dict[str, str] | None = None
+    config: Config,
+    redis_url: str,
+    *,
+    since_seconds: float,
+    segment_filter: dict[str, str] | None = None,
+    candidate: str | None = None,
 ) -> dict[str, Any]:
     reader = AggregateReader(
         redis_url, Keys(config.record.namespace, config.record.stream), socket_timeout=config.record.socket_timeout
     )
     try:
-        return await report_from(reader, config, since_seconds=since_seconds, segment_filter=segment_filter)
+        return await report_from(
+            reader, config, since_seconds=since_seconds, segment_filter=segment_filter, candidate=candidate
+        )
     finally:
         await reader.close()

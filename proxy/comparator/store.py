@@ -143,7 +143,7 @@ class ComparatorStore:
                 self.keys.example_data(window, segment_id),
                 self.keys.windows,
                 self.keys.segments,
-                *(self.keys.seen(i.request_id) for i in items),
+                *(self.keys.seen(i.dedup_id) for i in items),
             ]
             totals: dict[str, float] = {}
             records = []

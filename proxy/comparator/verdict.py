@@ -250,8 +250,13 @@ def cost_gate(counters: dict[str, float], pairs: Sequence[Sequence[float]], cfg:
         "",
     )
     if not len(incumbent) or float(incumbent.sum()) == 0.0:
-        gate.rule = "no incumbent cost: set [incumbent.price] and [candidate.price] to gate on cost"
+        gate.rule = (
+            "no priced pairs: neither a price table nor the maintained price list knows both arms' models; "
+            "set [incumbent.price] and the candidate's price to gate on cost"
+        )
         return gate
+    if len(incumbent) < 2:  # a bootstrap needs two pairs
+        return _decide(gate, (-math.inf, math.inf), cfg.cost_ratio_max, max(cfg.min_pairs, 2))
 
     def ratio(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.asarray(np.mean(y, axis=axis) / np.maximum(np.mean(x, axis=axis), 1e-12))

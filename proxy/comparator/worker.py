@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from ..config import Config
+from ..config import Config, UpstreamConfig
 from ..store import Keys, StoreUnavailable
-from .aggregate import Contribution, Settings, contribution
-from .metrics import Price, Tolerance
+from .aggregate import Contribution, Settings, contributions
+from .metrics import Tolerance
 from .parse import PoisonRecord, parse_record
+from .pricing import PriceBook
 from .store import ComparatorStore, Entry, Limits
 
 log = structlog.get_logger("shadow_proxy.comparator")
@@ -40,12 +41,19 @@ class Progress:
 
 def settings_from(config: Config) -> Settings:
     compare = config.compare
+    arms: list[tuple[str, UpstreamConfig]] = [("incumbent", config.incumbent)]
+    arms += [(c.name, c) for c in config.candidate]
     return Settings(
         window_seconds=compare.window_seconds,
         tolerance=Tolerance(frozenset(compare.ignore_paths), compare.abs_tolerance, compare.rel_tolerance),
-        incumbent_price=Price(config.incumbent.price.input_per_1k, config.incumbent.price.output_per_1k),
-        candidate_price=Price(config.candidate.price.input_per_1k, config.candidate.price.output_per_1k),
+        prices={name: price_book(arm) for name, arm in arms},
     )
+
+
+def price_book(arm: UpstreamConfig) -> PriceBook:
+    """The arm's price table when one is configured, else the maintained price list."""
+    price = arm.price
+    return PriceBook((price.input_per_1k, price.output_per_1k) if price.input_per_1k or price.output_per_1k else None)
 
 
 def default_consumer() -> str:
@@ -116,20 +124,20 @@ class Worker:
     async def _process(self, entries: list[Entry]) -> int:
         if not entries:
             return 0
-        contributions: list[Contribution] = []
+        found: list[Contribution] = []
         for entry_id, fields in entries:
             try:
-                contributions.append(contribution(parse_record(fields), self._settings))
+                found.extend(contributions(parse_record(fields), self._settings))
             except PoisonRecord as exc:
                 await self.store.dead_letter(entry_id, fields, str(exc))
                 self.progress.dead_lettered += 1
                 log.warning("record_dead_lettered", entry_id=entry_id.decode(), reason=str(exc))
-        applied = await self.store.apply(contributions)
+        applied = await self.store.apply(found)
         # Acknowledge only after the aggregates are durably written (at least once).
         await self.store.ack([entry_id for entry_id, _ in entries])
         self.progress.read += len(entries)
         self.progress.applied += applied
-        self.progress.duplicates += len(contributions) - applied
+        self.progress.duplicates += len(found) - applied
         return len(entries)
 
     def _summary(self) -> dict[str, object]:

@@ -955,13 +955,16 @@
   async function refresh() {
     clearTimeout(timer);
     const mine = ++latest;
-    const since = $("since").value;
-    const query = since ? "?since=" + encodeURIComponent(since) : "";
+    const wanted = new URLSearchParams();
+    if ($("since").value) wanted.set("since", $("since").value);
+    if ($("candidate").value) wanted.set("candidate", $("candidate").value);
+    const query = wanted.toString() ? "?" + wanted.toString() : "";
     try {
       const [report, canary] = await Promise.all([fetchJson("api/report" + query), fetchJson("api/canary")]);
       if (mine !== latest) return;
       renderCanary(canary);
       if (report.status === 200 && report.body) {
+        renderCandidates(report.body);
         renderReport(report.body);
         problem(null);
       } else {
@@ -985,6 +988,19 @@
     schedule();
   }
 
+  // One option per candidate in the range, each with its verdict; the shown one is the report's.
+  function renderCandidates(report) {
+    const select = $("candidate");
+    const chosen = select.value;
+    const items = report.candidates || [];
+    select.replaceChildren(el("option", { value: "" }, "default (" + (report.candidate || "-") + ")"));
+    for (const item of items) {
+      select.append(el("option", { value: item.name }, `${item.name}: ${item.verdict}, ${fmtInt(item.pairs)} pairs`));
+    }
+    if (chosen && !items.some((item) => item.name === chosen)) select.append(el("option", { value: chosen }, chosen));
+    select.value = chosen;
+  }
+
   function schedule() {
     clearTimeout(timer);
     if (!state.paused) timer = setTimeout(refresh, REFRESH_MS);
@@ -997,7 +1013,13 @@
       if (![...select.options].some((o) => o.value === since)) select.append(el("option", { value: since }, since));
       select.value = since;
     }
+    const candidate = params.get("candidate");
+    if (candidate) {
+      $("candidate").append(el("option", { value: candidate }, candidate));
+      $("candidate").value = candidate;
+    }
     $("since").addEventListener("change", refresh);
+    $("candidate").addEventListener("change", refresh);
     $("pause").addEventListener("click", () => {
       state.paused = !state.paused;
       $("pause").textContent = state.paused ? "resume" : "pause";
