@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import openai
+import pytest
 import redis
 
 from proxy.comparator.service import load_report
@@ -277,3 +278,97 @@ async def test_a_candidate_over_its_spend_budget_is_skipped_and_counted(upstream
     await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 10)
     skipped = [r["meta"]["shadow_skipped"] for r in records(redis.Redis.from_url(redis_url))]
     assert skipped.count({"pricey": "budget"}) == 7
+
+
+async def test_the_canary_serves_its_named_candidate_shaped_and_keeps_mirroring_the_others(
+    upstreams, proxies, redis_url
+) -> None:
+    """At full weight the canary's candidate answers users with its own model name, the incumbent is
+    mirrored back (reverse shadow) with the client's, and the other candidate is still mirrored."""
+    incumbent = await upstreams(openai_chat(["a"], served_model="gpt-4o-mini"))
+    vllm = await upstreams(openai_chat(["b"], served_model="llama-8b"))
+    mini = await upstreams(openai_chat(["c"], served_model="gpt-4.1-mini"))
+    stage = {"weight": 1.0, "min_duration": 3600, "min_pairs": 100_000}
+    candidates = [{"name": "mini", "url": mini.url, "model": "gpt-4.1-mini"}, {"name": "vllm", "url": vllm.url}]
+    candidates[1]["model"] = "llama-8b"
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate=candidates,
+        record={"redis_url": redis_url},
+        canary={"enabled": True, "candidate": "vllm", "stage": [stage], "weight_poll_interval": 0.1},
+    )
+    assert proxy.runtime.canary is not None and proxy.runtime.canary.weights is not None
+    await eventually(lambda: proxy.runtime.canary.weights.weight == 1.0)  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as client:
+        body = {"model": "gpt-4o-mini", "messages": []}
+        async with client.post(f"http://127.0.0.1:{proxy.port}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200 and resp.headers["x-served-by"] == "vllm"
+            assert (await resp.json())["choices"][0]["message"]["content"] == "b"
+    await eventually(lambda: proxy.runtime.metrics.value("shadow_proxy_records_written_total") == 1)
+    (record,) = records(redis.Redis.from_url(redis_url))
+    arms = record["meta"]["arms"]
+    assert record["meta"]["served_by"] == "vllm"
+    assert (arms["live"]["upstream"], arms["live"]["model"], arms["live"]["status"]) == ("vllm", "llama-8b", 200)
+    assert (arms["shadow.incumbent"]["model"], arms["shadow.incumbent"]["status"]) == (None, 200)
+    assert (arms["shadow.mini"]["model"], arms["shadow.mini"]["status"]) == ("gpt-4.1-mini", 200)
+
+
+@pytest.mark.parametrize(
+    ("path", "server", "request_body", "shape"),
+    [
+        ("/v1/chat/completions", openai_chat(["x", "y"]), {"model": "m", "messages": []}, "openai.chat"),
+        (
+            "/v1/chat/completions",
+            openai_chat(["x", "y"]),
+            {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}},
+            "openai.chat",
+        ),
+        ("/v1/embeddings", openai_embeddings(), {"model": "e", "input": "x"}, "openai.embedding"),
+        (
+            "/v1/embeddings",
+            openai_embeddings(),
+            {"model": "e", "input": ["x", "yy"], "encoding_format": "base64"},
+            "openai.embedding",
+        ),
+        ("/v1/responses", openai_responses("hi there"), {"model": "m", "input": "x"}, "openai.responses"),
+        (
+            "/v1/responses",
+            openai_responses("hi there"),
+            {"model": "m", "input": "x", "stream": True},
+            "openai.responses",
+        ),
+        ("/v1/messages", anthropic_messages("hi there"), {"model": "c", "messages": []}, "anthropic.messages"),
+        (
+            "/v1/messages",
+            anthropic_messages("hi there"),
+            {"model": "c", "messages": [], "stream": True},
+            "anthropic.messages",
+        ),
+    ],
+    ids=[
+        "chat",
+        "chat-stream-usage",
+        "embeddings-float",
+        "embeddings-base64",
+        "responses",
+        "responses-stream",
+        "messages",
+        "messages-stream",
+    ],
+)
+async def test_every_common_answer_shape_is_recognised_on_both_arms(
+    upstreams, proxies, redis_url, path: str, server: Any, request_body: dict[str, Any], shape: str
+) -> None:
+    """Records whose answers are recognised / records = 1 for each shape, with usage read on both arms."""
+    incumbent, candidate = await upstreams(server), await upstreams(server)
+    sections = {"incumbent": {"url": incumbent.url}, "candidate": {"url": candidate.url}}
+    proxy = await proxies(**sections, record={"redis_url": redis_url})
+    assert await post_json(proxy.port, path, request_body, n=4) == [200] * 4
+    await eventually(lambda: proxy.runtime.metrics.value("shadow_proxy_records_written_total") == 4)
+    summary = (await compare_all(make_config(**sections, record={"redis_url": redis_url}), redis_url))["summary"]
+    for arm in ("incumbent", "candidate"):
+        answers = summary["answers"][arm]
+        assert answers["shapes"] == {shape: 4} and answers["recognised_share"] == 1.0
+        assert answers["parse_errors"] == {}
+    assert summary["divergence"]["pairs_compared"] == 4 and summary["divergence"]["candidate_rate"] == 0.0
+    assert summary["cost"]["estimated_share"] == 0.0  # every answer here reports its usage

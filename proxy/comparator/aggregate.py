@@ -184,6 +184,7 @@ def _pair_counters(c: dict[str, float], m: PairMetrics, inc: Arm, cand: Arm, rec
         for arm_name, arm, book in (("inc", inc, s.book("incumbent")), ("cand", cand, s.book(cand.upstream))):
             charge = arm_cost(arm, record, book)
             c[f"tok_out:{arm_name}"] = charge.output_tokens
+            c[f"tok_n:{arm_name}"] = 1
             c[f"price_src:{arm_name}:{charge.source}"] = 1
             if charge.amount is not None:
                 c[f"cost:{arm_name}"] = charge.amount

@@ -159,6 +159,8 @@ def arm_cost(arm: Arm, record: Record, book: PriceBook) -> Charge:
     output = arm.output
     model = output.model or arm.model or (record.model if record.model != "-" else None)
     prompt, completion = output.prompt_tokens, output.completion_tokens
+    if output.kind == "embedding" and completion is None:
+        completion = 0  # embeddings produce no output tokens; their usage block has none to report
     estimated = prompt is None or completion is None
     if prompt is None:
         prompt = count_tokens(model, record.prompt_text)[0]

@@ -86,7 +86,8 @@ def summary(counters: dict[str, float]) -> dict[str, Any]:
                 "candidate": int(counters.get("tok_out:cand", 0)),
             },
             "estimated_share": _rate(
-                counters.get("tok_est:cand", 0) + counters.get("tok_est:inc", 0), cost_n["inc"] + cost_n["cand"]
+                counters.get("tok_est:cand", 0) + counters.get("tok_est:inc", 0),
+                counters.get("tok_n:inc", 0) + counters.get("tok_n:cand", 0),
             ),
         },
         "divergence": {
