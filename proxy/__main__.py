@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from . import __version__, logs
 from .config import Config, ConfigError, load_config, masked, parse_duration, require_incumbent, split_listen
 from .embedded_redis import EmbeddedRedis, EmbeddedRedisError, default_data_dir, free_port
+from .runtime import check_budgets
 from .server import serve_until_signal, worker_main
 from .store import StoreUnavailable
 
@@ -206,6 +207,7 @@ def _spawn_workers(config: Config) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=_overrides(args))
     require_incumbent(config)
+    check_budgets(config)
     logs.configure(config.proxy.log_level, config.proxy.log_format)
     embedded: EmbeddedRedis | None = None
     if config.record.enabled and not config.record.redis_url:

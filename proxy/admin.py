@@ -119,6 +119,12 @@ async def report(request: web.Request) -> web.Response:
         except (RedisError, OSError) as exc:
             return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
         source.cache = {key: (time.monotonic(), body)}
+    known = {c.name for c in runtime.config.candidate} | {c["name"] for c in body["candidates"]}
+    if candidate is not None and candidate not in known:
+        message = (
+            f"no candidate named {candidate!r}: configured or seen in range are {', '.join(sorted(known)) or 'none'}"
+        )
+        return _json({"error": {"message": message, "type": "unknown_candidate"}}, 404)
     return _json(body)
 
 

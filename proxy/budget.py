@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+import orjson
+
+from .comparator.parse import parse_body, prompt_text
+from .comparator.pricing import PriceBook, Usage, count_tokens
 from .config import CandidateConfig
 from .exchange import ArmCapture
 from .store import StoreUnavailable
@@ -131,27 +136,94 @@ class SpendSync:
             await self.sync(time.time())  # what was spent since the last turn
 
 
-def capture_cost(candidate: CandidateConfig) -> Callable[[ArmCapture, bytes], float]:
-    """How much one finished mirror cost: the usage its answer reports (counted from text when it has
-    none) priced by the candidate's table, else by the maintained price list; 0 when neither knows."""
-    from .comparator.parse import parse_body, prompt_text
-    from .comparator.pricing import PriceBook, Usage, count_tokens
+# The last "usage" object of a body (one level of nesting: OpenAI's *_tokens_details, Anthropic's cache fields).
+_USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+HEAD_BYTES = 16 * 1024
+BUDGET_CAPTURE = 64 * 1024  # the answer text kept for counting tokens when no usage is reported
 
-    price = candidate.price
-    table = (price.input_per_1k, price.output_per_1k) if price.input_per_1k or price.output_per_1k else None
-    book = PriceBook(table)
 
-    def cost_of(arm: ArmCapture, request_body: bytes) -> float:
+def usage_in(data: bytes) -> dict[str, int]:
+    """Token counts of the last usage object in ``data``, in OpenAI's convention (prompt includes cached,
+    completion includes reasoning): keys among prompt, completion, cached, reasoning."""
+    found: dict[str, int] = {}
+    for match in _USAGE.finditer(data):
+        try:
+            usage = orjson.loads(match.group(1))
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(usage, dict):
+            found.update(_tokens(usage))
+    return found
+
+
+def _tokens(usage: dict[str, Any]) -> dict[str, int]:
+    def number(*keys: str, within: Any = usage) -> int | None:
+        for key in keys:
+            value = within.get(key) if isinstance(within, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
+
+    out: dict[str, int] = {}
+    prompt = number("prompt_tokens", "input_tokens")
+    cache_read = number("cache_read_input_tokens") or 0
+    if prompt is not None:
+        # Anthropic counts cache reads and writes apart from input_tokens; OpenAI includes cached tokens.
+        out["prompt"] = prompt + cache_read + (number("cache_creation_input_tokens") or 0)
+    completion = number("completion_tokens", "output_tokens")
+    if completion is not None:
+        out["completion"] = completion
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    cached = number("cached_tokens", within=details) or cache_read
+    if cached:
+        out["cached"] = cached
+    reasoning = number(
+        "reasoning_tokens", within=usage.get("completion_tokens_details") or usage.get("output_tokens_details")
+    )
+    if reasoning:
+        out["reasoning"] = reasoning
+    return out
+
+
+class MirrorCost:
+    """The cost of one finished mirror: the usage its answer reports (found in its first and last bytes, so
+    a long stream cut by the capture cap still counts), else tokens counted from its text (scaled up to the
+    bytes received when the capture was cut), priced by the candidate's table, else the maintained list.
+    None when no price is known for its model."""
+
+    def __init__(self, candidate: CandidateConfig) -> None:
+        price = candidate.price
+        table = (price.input_per_1k, price.output_per_1k) if price.input_per_1k or price.output_per_1k else None
+        self._book = PriceBook(table)
+
+    def unpriced(self, model: str) -> bool:
+        """Whether answers of this model would have no price (no table, and a model the list does not know)."""
+        return self._book.price(model, Usage(1, 1)).amount is None
+
+    def __call__(self, arm: ArmCapture, request_body: bytes) -> float | None:
+        head = b"".join(arm.chunks)[:HEAD_BYTES] if arm.chunks else b""
+        tokens = usage_in(head)
+        tokens.update(usage_in(bytes(arm.tail or b"")))
+        model = arm.model or _model(request_body)
+        if "completion" not in tokens:
+            tokens["completion"] = self._counted_answer(arm, model)
+        if "prompt" not in tokens:
+            tokens["prompt"] = count_tokens(model, prompt_text(request_body))[0]
+        cached = min(tokens.get("cached", 0), tokens["prompt"])
+        reasoning = min(tokens.get("reasoning", 0), tokens["completion"])
+        return self._book.price(model, Usage(tokens["prompt"], tokens["completion"], cached, reasoning)).amount
+
+    @staticmethod
+    def _counted_answer(arm: ArmCapture, model: str | None) -> int:
         headers = {k.lower(): v for k, v in arm.headers}
         output = parse_body(arm.body, headers.get("content-type", ""), truncated=arm.truncated)
-        model = output.model or arm.model
-        prompt = output.prompt_tokens
-        if prompt is None:
-            prompt = count_tokens(model, prompt_text(request_body))[0]
-        completion = output.completion_tokens
-        if completion is None:
-            completion = count_tokens(model, output.text or "")[0]
-        usage = Usage(prompt, completion, output.cached_tokens or 0, output.reasoning_tokens or 0)
-        return book.price(model, usage).amount or 0.0
+        counted = count_tokens(model, output.text or "")[0]
+        if arm.truncated and arm.captured:
+            counted = int(counted * arm.size / arm.captured)  # the rest of the answer was not kept
+        return counted
 
-    return cost_of
+
+def _model(request_body: bytes) -> str | None:
+    match = _MODEL.search(request_body)
+    return match.group(1).decode(errors="replace") if match else None

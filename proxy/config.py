@@ -97,7 +97,23 @@ class PriceConfig(_Section):
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
 # Headers the proxy sets itself or that describe the connection: shaping may not touch them.
-_UNSHAPEABLE = frozenset({"host", "content-length", "transfer-encoding", "connection", "expect", "te", "upgrade"})
+_UNSHAPEABLE = frozenset(
+    {
+        "host",
+        "content-length",
+        "expect",
+        # hop-by-hop (RFC 9110 §7.6.1): they describe one connection, never a request to an upstream
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
 
 
@@ -108,16 +124,21 @@ def _resolve(template: str, environ: Mapping[str, str], where: str) -> str:
         ref = match.group(1)
         if ref.startswith("file:"):
             try:
+                # Secrets files (and Kubernetes Secret values) often end with a newline: it is not the value.
                 return Path(ref[5:]).read_text().rstrip("\r\n")
             except OSError as exc:
                 raise ValueError(f"{where}: secret file {ref[5:]} cannot be read ({exc.strerror})") from None
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ref):
-            raise ValueError(f"{where}: ${{{ref}}} is not a variable name: use ${{NAME}} or ${{file:/path}}")
+            # Not echoed: a value pasted where a name belongs may be the secret itself.
+            raise ValueError(f"{where}: a ${{...}} reference is not a variable name: use ${{NAME}} or ${{file:/path}}")
         if ref not in environ:
             raise ValueError(f"{where}: environment variable {ref} is not set: export it or remove the reference")
-        return environ[ref]
+        return environ[ref].rstrip("\r\n")
 
-    return _REFERENCE.sub(one, template)
+    value = _REFERENCE.sub(one, template)
+    if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value):
+        raise ValueError(f"{where}: the value holds a control character (a line break?), which no header may carry")
+    return value
 
 
 class UpstreamConfig(_Section):
@@ -146,6 +167,8 @@ class UpstreamConfig(_Section):
         if isinstance(value, str):
             return value
         if isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            if not all(value.values()):
+                raise ValueError("a model map may not rewrite a name to an empty string")
             return dict(value)
         raise ValueError(
             'expected a model name (model = "gpt-4.1-mini") or a table mapping incoming model names to this '
@@ -161,6 +184,8 @@ class UpstreamConfig(_Section):
         resolved = {}
         for name, template in value.items():
             _check_shaped_header(name)
+            if name.lower() in resolved:
+                raise ValueError(f"header {name} is set twice (header names are case-insensitive)")
             if isinstance(template, SecretStr):
                 template = template.get_secret_value()
             if not isinstance(template, str):
@@ -200,8 +225,8 @@ class CandidateConfig(UpstreamConfig):
     @field_validator("name")
     @classmethod
     def _not_incumbent(cls, value: str) -> str:
-        if value == "incumbent":
-            raise ValueError("'incumbent' names the incumbent arm: choose another candidate name")
+        if value.startswith("incumbent"):
+            raise ValueError("names starting with 'incumbent' label the incumbent's arms: choose another name")
         return value
 
 
@@ -338,9 +363,10 @@ class LimitsConfig(_Section):
 
 
 def _candidates(value: Any) -> Any:
-    """``[candidate]`` (one table) or ``[[candidate]]`` (several); a single table without a url is none."""
+    """``[candidate]`` (one table) or ``[[candidate]]`` (several). A single table without a url is still
+    validated (a misspelt key is an error), then means "no candidate" (see ``_check_candidates``)."""
     if isinstance(value, Mapping):
-        return () if not value.get("url") else (value,)
+        return (value,)
     return value
 
 
@@ -467,26 +493,36 @@ def load_config(
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     data = _merge(data, overrides or {})
     sources = f"{path or 'the config file'}, {ENV_PREFIX}* or the CLI flag"
+    entries = data.get("candidate")
+    for index, entry in enumerate(entries if isinstance(entries, list) else []):
+        if isinstance(entry, Mapping) and not entry.get("url"):
+            raise ConfigError(
+                f"missing config key candidate.{index}.url: every [[candidate]] needs a url (fix it in {sources})"
+            )
     try:
         config = Config.model_validate(data, context={"environ": os.environ if environ is None else environ})
     except ValidationError as exc:
         raise ConfigError(_describe(exc.errors()[0], sources)) from None
-    _check_candidates(config, sources)
-    return config
+    return _check_candidates(config, sources)
 
 
-def _check_candidates(config: Config, sources: str) -> None:
-    """What one candidate's table cannot see: names unique, every entry with a url, the canary's one known."""
+def _check_candidates(config: Config, sources: str) -> Config:
+    """What one candidate's table cannot see: names unique, the canary's candidate known (and named when
+    there are several). The single table without a url (the documented ``[candidate] url = ""``) means no
+    candidate at all; a ``[[candidate]]`` entry without one was refused before validation."""
+    if len(config.candidate) == 1 and not config.candidate[0].url:
+        config = config.model_copy(update={"candidate": ()})
     seen: set[str] = set()
     for index, candidate in enumerate(config.candidate):
-        if not candidate.url:
-            raise ConfigError(
-                f"missing config key candidate.{index}.url: every [[candidate]] needs a url (fix it in {sources})"
-            )
         if candidate.name in seen:
+            hint = (
+                'give each [[candidate]] a name (name = "...")'
+                if "name" not in candidate.model_fields_set
+                else ("give each [[candidate]] a unique name")
+            )
             raise ConfigError(
                 f"invalid config key candidate.{index}.name = {candidate.name!r}: another candidate has this name; "
-                f"give each [[candidate]] a unique name (fix it in {sources})"
+                f"{hint} (fix it in {sources})"
             )
         seen.add(candidate.name)
     wanted = config.canary.candidate
@@ -496,6 +532,12 @@ def _check_candidates(config: Config, sources: str) -> None:
             f"invalid config key canary.candidate = {wanted!r}: no candidate has this name ({known}) "
             f"(fix it in {sources})"
         )
+    if config.canary.enabled and not wanted and len(seen) > 1:
+        raise ConfigError(
+            f"missing config key canary.candidate: with {len(seen)} candidates, name the one the canary promotes "
+            f"({', '.join(sorted(seen))}) (fix it in {sources})"
+        )
+    return config
 
 
 def require_incumbent(config: Config) -> None:

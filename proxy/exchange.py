@@ -20,6 +20,7 @@ import orjson
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = frozenset({1, 2})
 MAX_GAPS = 4096  # inter-chunk gaps kept per arm; beyond this only count, sum and max grow
+TAIL_BYTES = 16 * 1024  # where a streamed answer reports its usage: its last events
 
 # Response headers never worth recording (and Set-Cookie is a secret).
 _SKIP_RESPONSE_HEADERS = frozenset({"set-cookie", "date", "connection", "keep-alive", "transfer-encoding"})
@@ -48,6 +49,7 @@ class ArmCapture:
     gap_sum: float = 0.0
     gap_max: float = 0.0
     gaps: array[float] = field(default_factory=lambda: array("d"))
+    tail: bytearray | None = None  # the last TAIL_BYTES of the body, kept only when a spend budget needs them
 
     def on_headers(self, status: int, headers: list[tuple[str, str]], now: float) -> None:
         self.status = status
@@ -73,6 +75,10 @@ class ArmCapture:
             piece = data if len(data) <= room else data[:room]
             self.chunks.append(piece)
             self.captured += len(piece)
+        if self.tail is not None:
+            self.tail += data[-TAIL_BYTES:]
+            if len(self.tail) > TAIL_BYTES:
+                del self.tail[: len(self.tail) - TAIL_BYTES]
 
     def finish(self, now: float, error: str | None = None) -> None:
         if self.end is None:

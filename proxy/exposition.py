@@ -60,9 +60,16 @@ async def redis_families(reader: AggregateReader, group: str, within: float = 1.
     applied = CounterMetricFamily(
         "shadow_proxy_comparator_applied", "Records applied by each live comparator.", labels=["consumer"]
     )
+    parse_errors = CounterMetricFamily(
+        "shadow_proxy_comparator_parse_errors",
+        "Answers of a recognised shape with a part that could not be read, by live comparator and reason.",
+        labels=["consumer", "reason"],
+    )
     for worker in workers:
         applied.add_metric([str(worker.get("consumer"))], float(worker.get("applied", 0)))
-    families += [backlog, stream, applied]
+        for reason, count in (worker.get("parse_errors") or {}).items():
+            parse_errors.add_metric([str(worker.get("consumer")), str(reason)], float(count))
+    families += [backlog, stream, applied, parse_errors]
     if verdict:
         gates = GaugeMetricFamily(
             "shadow_proxy_verdict_gate",
@@ -73,7 +80,14 @@ async def redis_families(reader: AggregateReader, group: str, within: float = 1.
             gates.add_metric([gate["name"]], OUTCOME_VALUE.get(gate["outcome"], 0.5))
         overall = GaugeMetricFamily("shadow_proxy_verdict", "Latest stored overall verdict (same values).")
         overall.add_metric([], OUTCOME_VALUE.get(verdict.get("verdict", {}).get("outcome", ""), 0.5))
-        families += [gates, overall]
+        per_candidate = GaugeMetricFamily(
+            "shadow_proxy_verdict_candidate",
+            "Latest stored verdict of each candidate (same values).",
+            labels=["candidate"],
+        )
+        for item in verdict.get("candidates", []):
+            per_candidate.add_metric([str(item["name"])], OUTCOME_VALUE.get(item["verdict"], 0.5))
+        families += [gates, overall, per_candidate]
     return families
 
 

@@ -54,13 +54,13 @@ class Metrics:
         )
         self.mirrors_sent = Counter(
             "shadow_proxy_mirrors_sent",
-            "Mirrored requests started, by target (candidate, incumbent_noise).",
+            "Mirrored requests started, by target (a candidate's name, incumbent, incumbent_noise).",
             ["target"],
             registry=r,
         )
         self.mirrors_skipped = Counter(
             "shadow_proxy_mirrors_skipped",
-            "Requests not mirrored, by target (candidate, incumbent_noise) and reason.",
+            "Requests not mirrored, by target (a candidate's name, incumbent, incumbent_noise) and reason.",
             ["target", "reason"],
             registry=r,
         )
@@ -68,6 +68,18 @@ class Metrics:
             "shadow_proxy_mirrors_failed",
             "Mirrors that ended in an error, by target and error class.",
             ["target", "error"],
+            registry=r,
+        )
+        self.mirror_spend = Counter(
+            "shadow_proxy_mirror_spend",
+            "Cost of finished mirrors, by target (price table or price list x usage), for spend budgets.",
+            ["target"],
+            registry=r,
+        )
+        self.mirror_spend_unpriced = Counter(
+            "shadow_proxy_mirror_spend_unpriced",
+            "Finished mirrors of a budgeted target whose model has no known price (their cost counts as 0).",
+            ["target"],
             registry=r,
         )
         self.mirrors_in_flight = Gauge(

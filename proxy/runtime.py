@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .budget import SpendLedger, SpendSync, capture_cost
+from .budget import BUDGET_CAPTURE, MirrorCost, SpendLedger, SpendSync
 from .canary.controller import Controller
 from .canary.store import CanaryStore
 from .canary.weights import WeightWatcher
@@ -132,8 +132,11 @@ def _canary(config: Config, keys: Keys, metrics: Metrics, cap: int, reports: Rep
     live_candidate = Upstream(candidate.name, candidate)
     reverse = None
     if config.canary.reverse_shadow:
-        rate = config.shadow.sample_rate
-        reverse = _incumbent_mirror(config, metrics, cap, target="incumbent", role="shadow", sample_rate=rate)
+        # The incumbent is mirrored on the requests the candidate itself would have been mirrored.
+        rate = candidate.sample_rate if candidate.sample_rate is not None else config.shadow.sample_rate
+        reverse = _incumbent_mirror(
+            config, metrics, cap, target="incumbent", role="shadow", sample_rate=rate, routes=candidate.routes
+        )
     return Canary(store, controller, weights, live_candidate, reverse)
 
 
@@ -150,7 +153,10 @@ def _policy(config: Config, *, routes: tuple[str, ...] | None = None, sample_rat
 def _candidate_mirror(config: Config, candidate: CandidateConfig, metrics: Metrics, cap: int) -> ShadowDispatcher:
     """Mirrors to one candidate: its own pool, routes, sample rate, in-flight cap and spend budget."""
     rate = candidate.sample_rate if candidate.sample_rate is not None else config.shadow.sample_rate
-    ledger = SpendLedger(candidate.budget_per_hour) if candidate.budget_per_hour > 0 else None
+    ledger = cost = None
+    if candidate.budget_per_hour > 0:
+        ledger, cost = SpendLedger(candidate.budget_per_hour), MirrorCost(candidate)
+        cap = max(cap, BUDGET_CAPTURE)  # the answer is needed to count its cost, recorded or not
     return ShadowDispatcher(
         Upstream(candidate.name, candidate),
         config.shadow,
@@ -160,12 +166,31 @@ def _candidate_mirror(config: Config, candidate: CandidateConfig, metrics: Metri
         max_in_flight=candidate.max_in_flight,
         target=candidate.name,
         ledger=ledger,
-        cost_of=capture_cost(candidate) if ledger is not None else None,
+        cost_of=cost,
     )
 
 
+def check_budgets(config: Config) -> None:
+    """A budget needs prices: refuse a candidate whose fixed model name neither its table nor the price list
+    knows (a model map or a passed-through name can only be checked per answer: counted as unpriced)."""
+    for index, candidate in enumerate(config.candidate):
+        model = candidate.model
+        if candidate.budget_per_hour > 0 and isinstance(model, str) and model and MirrorCost(candidate).unpriced(model):
+            raise ConfigError(
+                f"invalid config key candidate.{index}.budget_per_hour = {candidate.budget_per_hour}: no price is "
+                f"known for model {model!r}, so its spend cannot be counted: set [candidate.price] for it"
+            )
+
+
 def _incumbent_mirror(
-    config: Config, metrics: Metrics, cap: int, *, target: str, role: str, sample_rate: float
+    config: Config,
+    metrics: Metrics,
+    cap: int,
+    *,
+    target: str,
+    role: str,
+    sample_rate: float,
+    routes: tuple[str, ...] | None = None,
 ) -> ShadowDispatcher:
     """Mirrors to the incumbent (A/A copies, reverse shadow) on a client of their own: never the live pool."""
     return ShadowDispatcher(
@@ -173,7 +198,7 @@ def _incumbent_mirror(
         config.shadow,
         metrics,
         capture_cap=cap,
-        policy=_policy(config, sample_rate=sample_rate),
+        policy=_policy(config, routes=routes, sample_rate=sample_rate),
         target=target,
         role=role,
     )

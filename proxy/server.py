@@ -80,10 +80,12 @@ async def _recorder_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _spend_ctx(app: web.Application) -> AsyncIterator[None]:
     """Candidates' spend shared through Redis (only when a candidate has a budget)."""
-    spend = app[RUNTIME].spend
-    if spend is not None:
+    runtime = app[RUNTIME]
+    spend = runtime.spend
+    if any(d.ledger is not None for d in runtime.shadows):
         # Price data and tokenizers load in a thread, before the first mirror needs them.
         await asyncio.to_thread(warm_pricing)
+    if spend is not None:
         spend.start()
     yield
     if spend is not None:

@@ -21,7 +21,9 @@ from .metrics import Metrics
 from .routing import MirrorPolicy
 from .upstream import Upstream
 
-CostOf = Callable[[ArmCapture, bytes], float]
+CostOf = Callable[[ArmCapture, bytes], float | None]
+# Costing a larger answer (parse, tokenizer) runs in a thread rather than between live requests.
+COST_INLINE_BYTES = 32 * 1024
 
 log = structlog.get_logger("shadow_proxy.shadow")
 
@@ -60,6 +62,7 @@ class ShadowDispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._breaker = Breaker(config.breaker_failures, config.breaker_cooldown) if config.breaker_failures else None
         self._gauge = metrics.mirrors_in_flight.labels(target)
+        self._warned_unpriced = False
 
     @property
     def in_flight(self) -> int:
@@ -74,10 +77,11 @@ class ShadowDispatcher:
             return reason
         if len(self._tasks) >= self._max_in_flight:
             return "full"
-        if self._breaker is not None and not self._breaker.allow(now()):
-            return "target_down"
         if self.ledger is not None and self.ledger.exhausted(time.time()):
             return "budget"
+        # Last: allow() may hand out the breaker's one probe, which must then really be sent.
+        if self._breaker is not None and not self._breaker.allow(now()):
+            return "target_down"
         return None
 
     def dispatch(self, exchange: Exchange, raw_path_qs: str, headers: list[tuple[str, str]]) -> ArmCapture | None:
@@ -90,6 +94,8 @@ class ShadowDispatcher:
                 exchange.shadow_skipped[self.upstream.name] = reason
             return None
         arm = ArmCapture(self.upstream.name, self.role, self._cap, start=now())
+        if self.ledger is not None:
+            arm.tail = bytearray()
         exchange.expect_arm()
         headers = [*headers, (self._config.marker_header, self._config.marker_value)]
         task = asyncio.create_task(self._mirror(exchange, arm, raw_path_qs, headers))
@@ -112,8 +118,9 @@ class ShadowDispatcher:
                 self._metrics.upstream_errors.labels(self.upstream.name, arm.role, failure.error).inc()
                 log.debug("mirror_failed", error=failure.error, detail=failure.detail)
             self._account_breaker(failure.error if failure is not None else None)
-            if self.ledger is not None and self._cost_of is not None and failure is None:
-                self.ledger.add(self._cost_of(arm, shaped.body), time.time())
+            # Billed: answered, even when the stream was cut short; refused (4xx/5xx) calls are not.
+            if self.ledger is not None and self._cost_of is not None and arm.status is not None and arm.status < 400:
+                await self._charge(self.ledger, self._cost_of, arm, shaped.body)
         except asyncio.CancelledError:
             arm.finish(now(), "cancelled_at_shutdown")
             self._metrics.mirrors_failed.labels(self.target, "cancelled_at_shutdown").inc()
@@ -123,6 +130,21 @@ class ShadowDispatcher:
                 self._metrics.upstream_latency.labels(self.upstream.name, arm.role).observe(arm.end - arm.start)
             self._gauge.dec()
             exchange.arm_done()
+
+    async def _charge(self, ledger: SpendLedger, cost_of: CostOf, arm: ArmCapture, body: bytes) -> None:
+        """Add a finished mirror's cost to its candidate's spend (an answer cut short is billed too)."""
+        if arm.captured + len(body) > COST_INLINE_BYTES:
+            amount = await asyncio.to_thread(cost_of, arm, body)
+        else:
+            amount = cost_of(arm, body)
+        if amount is None:
+            self._metrics.mirror_spend_unpriced.labels(self.target).inc()
+            if not self._warned_unpriced:
+                self._warned_unpriced = True
+                log.warning("mirror_spend_unpriced", target=self.target, model=arm.model)
+            return
+        ledger.add(amount, time.time())
+        self._metrics.mirror_spend.labels(self.target).inc(amount)
 
     def _account_breaker(self, error: str | None) -> None:
         if self._breaker is None:

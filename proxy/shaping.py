@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,7 +36,7 @@ class Shaping:
 
     model_fixed: str = ""
     model_map: tuple[tuple[str, str], ...] = ()
-    set_headers: tuple[tuple[str, str], ...] = ()
+    set_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # credentials: never in a repr
     drop: frozenset[str] = frozenset()
 
     @classmethod
@@ -83,26 +83,32 @@ class Shaping:
         """(body, new model name); the same bytes and None unless the body is a JSON object whose model changes."""
         if b'"model"' not in body:
             return body, None
-        doc = _load(body)
+        # orjson reads integers beyond 64 bits as floats (losing digits); the standard library keeps them.
+        doc, exact = _load(body)
         if not isinstance(doc, dict) or not isinstance(doc.get("model"), str):
             return body, None
         target = self.model_for(doc["model"])
         if target is None or target == doc["model"]:
             return body, None
         doc["model"] = target
-        if _LONG_NUMBER.search(body) is not None:
-            return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode(), target
+        if exact:
+            # ASCII escapes: a lone surrogate (\ud800) read from the body must survive the re-encoding.
+            return json.dumps(doc, separators=(",", ":")).encode(), target
         return orjson.dumps(doc), target
 
 
-# orjson reads integers beyond 64 bits as floats (losing digits); the standard library keeps them.
 _LONG_NUMBER = re.compile(rb"[0-9]{19,}")
 
 
-def _load(body: bytes) -> Any:
+def _load(body: bytes) -> tuple[Any, bool]:
+    """The JSON document, and whether only the standard library can write it back faithfully
+    (integers beyond 64 bits, which orjson reads as floats; lone surrogates, which it refuses)."""
+    if _LONG_NUMBER.search(body) is None:
+        try:
+            return orjson.loads(body), False
+        except orjson.JSONDecodeError:
+            pass
     try:
-        if _LONG_NUMBER.search(body) is not None:
-            return json.loads(body)
-        return orjson.loads(body)
-    except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
-        return None
+        return json.loads(body), True
+    except (ValueError, RecursionError):
+        return None, False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -372,3 +373,17 @@ async def test_every_common_answer_shape_is_recognised_on_both_arms(
         assert answers["parse_errors"] == {}
     assert summary["divergence"]["pairs_compared"] == 4 and summary["divergence"]["candidate_rate"] == 0.0
     assert summary["cost"]["estimated_share"] == 0.0  # every answer here reports its usage
+
+
+async def test_feedback_counts_only_for_the_candidate_the_canary_serves(redis_url, redis_client) -> None:
+    """Users only ever saw the canary's candidate: another candidate's report has no satisfaction data."""
+    window = int(time.time() // 60) * 60
+    redis_client.hset(
+        f"{{shadow}}:fb:{window}", mapping={"scored:candidate": 4, "sum:candidate": 3.2, "n:candidate": 4}
+    )
+    candidates = [{"name": "a", "url": "http://127.0.0.1:1"}, {"name": "b", "url": "http://127.0.0.1:2"}]
+    config = make_config(record={"redis_url": redis_url}, candidate=candidates, canary={"candidate": "a"})
+    served = await load_report(config, redis_url, since_seconds=600, candidate="a")
+    other = await load_report(config, redis_url, since_seconds=600, candidate="b")
+    assert served["summary"]["satisfaction"]["candidate"]["scored"] == 4
+    assert other["summary"]["satisfaction"]["candidate"]["scored"] == 0

@@ -221,3 +221,45 @@ def test_one_candidate_table_and_flags_still_work(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="ambiguous with 2"):
         load_config(several, environ={}, overrides={"candidate": {"url": "http://f:1"}})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[candidate]\nurll = "http://c:1"\n', "unknown config key candidate.0.urll"),
+        ('[candidate]\nurl = "http://c:1"\n[candidate.set_headers]\nx = "a\\nb"\n', "control character"),
+        ('[candidate]\nurl = "http://c:1"\n[candidate.set_headers]\nX-A = "1"\nx-a = "2"\n', "set twice"),
+        ('[candidate]\nurl = "http://c:1"\n[candidate.set_headers]\nkeep-alive = "1"\n', "set by the proxy"),
+        ('[candidate]\nurl = "http://c:1"\nname = "incumbent_noise"\n', "label the incumbent's arms"),
+        ('[candidate]\nurl = "http://c:1"\nmodel = { a = "" }\n', "empty string"),
+        (
+            '[[candidate]]\nurl = "http://a:1"\n[[candidate]]\nurl = "http://b:1"\n',
+            'give each [[candidate]] a name (name = "...")',
+        ),
+        (
+            '[[candidate]]\nname = "a"\nurl = "http://a:1"\n[[candidate]]\nname = "b"\nurl = "http://b:1"\n'
+            "[canary]\nenabled = true\n",
+            "missing config key canary.candidate: with 2 candidates",
+        ),
+    ],
+)
+def test_candidate_tables_are_checked_even_when_unused(tmp_path: Path, text: str, expected: str) -> None:
+    """A misspelt key, a header value that cannot be sent, or an ambiguous canary is refused at load."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), environ={})
+    assert expected in str(info.value)
+
+
+def test_a_secret_pasted_as_a_variable_name_is_not_echoed(tmp_path: Path) -> None:
+    """${sk-...} is not a variable name; the error says so without repeating it."""
+    text = '[candidate]\nurl = "http://c:1"\n[candidate.set_headers]\nauthorization = "Bearer ${sk-proj-SECRET}"\n'
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), environ={})
+    assert "is not a variable name" in str(info.value) and "SECRET" not in str(info.value)
+
+
+def test_environment_values_lose_a_trailing_newline(tmp_path: Path) -> None:
+    """A Kubernetes Secret exposed as a variable often ends with a newline; the header value does not."""
+    text = '[candidate]\nurl = "http://c:1"\n[candidate.set_headers]\nauthorization = "Bearer ${K}"\n'
+    config = load_config(_write(tmp_path, text), environ={"K": "abc\n"})
+    assert config.candidate[0].set_headers["authorization"].get_secret_value() == "Bearer abc"

@@ -61,3 +61,16 @@ def test_headers_are_removed_and_set_case_insensitively() -> None:
     shaping = _shaping(remove_headers=["OpenAI-Organization"], set_headers={"Authorization": "Bearer ${KEY}"})
     shaped = shaping.apply(b"{}", [("authorization", "Bearer client"), ("openai-organization", "o"), ("x-a", "1")])
     assert shaped.headers == [("x-a", "1"), ("authorization", "Bearer s3cret")]
+
+
+def test_bodies_orjson_cannot_hold_are_rewritten_faithfully() -> None:
+    """A lone surrogate escape and a huge integer survive a rewrite (the standard library writes them back)."""
+    body = b'{"model": "a", "text": "\\ud800", "seed": 1234567890123456789012}'
+    shaped = _shaping(model="m").apply(body, [])
+    assert shaped.model == "m"
+    assert b'"\\ud800"' in shaped.body and b"1234567890123456789012" in shaped.body
+
+
+def test_the_shaping_repr_shows_no_credential() -> None:
+    """A Shaping printed in a log or a traceback does not show the header values it sets."""
+    assert "s3cret" not in repr(_shaping(set_headers={"Authorization": "Bearer ${KEY}"}))

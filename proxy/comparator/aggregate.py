@@ -143,9 +143,15 @@ def contribution(
             example = _example(record, metrics, incumbent, candidate)
     else:
         counters["unpaired"] = 1
-        skipped = record.skipped.get(name)
+        # Missing the candidate's mirror, or (while it serves in a canary) the incumbent's reverse shadow.
+        skipped = record.skipped.get(name) if candidate is None else record.skipped.get("incumbent")
         if skipped:
             counters[f"skipped:{skipped}"] = 1
+    for arm_name, arm in (("inc", incumbent), ("cand", candidate)):
+        if arm is not None and arm.status is not None:  # an answer arrived: which shape, what was unreadable
+            counters[f"shape:{arm_name}:{arm.output.shape}"] = 1
+            if arm.output.parse_error:
+                counters[f"parse_err:{arm_name}:{arm.output.parse_error}"] = 1
     if noise is not None:
         _noise_counters(counters, noise)
     return Contribution(
@@ -171,10 +177,6 @@ def _pair_counters(c: dict[str, float], m: PairMetrics, inc: Arm, cand: Arm, rec
         c["err:inc_only"] = 1
     if not m.status_match:
         c["status_mismatch"] = 1
-    for arm_name, arm in (("inc", inc), ("cand", cand)):
-        c[f"shape:{arm_name}:{arm.output.shape}"] = 1
-        if arm.output.parse_error:
-            c[f"parse_err:{arm_name}:{arm.output.parse_error}"] = 1
     if m.outcome_base is None and m.outcome_other is None:
         if inc.output.truncated or cand.output.truncated:
             # Cut by the capture cap: timings and status hold, but the answers are not whole.

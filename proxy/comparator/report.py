@@ -36,16 +36,19 @@ def _by_prefix(counters: dict[str, float], prefix: str) -> dict[str, int]:
     return {k[len(prefix) :]: int(v) for k, v in sorted(counters.items()) if k.startswith(prefix) and v}
 
 
+# Shapes that say "we could not tell what this answer is" (generic JSON and text are answers we compare).
+UNRECOGNISED = frozenset({"unknown", "sse"})
+
+
 def _answers(counters: dict[str, float]) -> dict[str, Any]:
     """Which answer shapes were recognised per arm, what could not be read, what was cut by the cap."""
-    n = counters.get("n", 0)
     arms: dict[str, Any] = {}
     for arm, key in (("incumbent", "inc"), ("candidate", "cand")):
         shapes = _by_prefix(counters, f"shape:{key}:")
-        known = sum(v for k, v in shapes.items() if k not in ("unknown",))
+        known = sum(v for k, v in shapes.items() if k not in UNRECOGNISED)
         arms[arm] = {
             "shapes": shapes,
-            "recognised_share": _rate(known, n),
+            "recognised_share": _rate(known, sum(shapes.values())),
             "parse_errors": _by_prefix(counters, f"parse_err:{key}:"),
             "price_sources": _by_prefix(counters, f"price_src:{key}:"),
         }

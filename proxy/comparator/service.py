@@ -26,7 +26,11 @@ async def report_from(
     since = until - since_seconds
     # A window is included when it starts inside the range (or is the one in progress at its start).
     windows = await reader.load(since - config.compare.window_seconds, until, config.compare.examples_per_window)
-    feedback = await reader.feedback(since, until, config.compare.window_seconds)
+    chosen = candidate or default_candidate(config)
+    canary = canary_candidate(config)
+    # User feedback joins the incumbent with the candidate the canary serves: no other candidate has any.
+    serves_users = canary is None or chosen in (None, canary.name)
+    feedback = await reader.feedback(since, until, config.compare.window_seconds) if serves_users else {}
     report = await builder.build(
         windows,
         await reader.segments(),
@@ -38,7 +42,7 @@ async def report_from(
         feedback=feedback,
         min_feedback=config.canary.min_feedback,
         satisfaction_drop_max=config.canary.satisfaction_drop_max,
-        candidate=candidate or default_candidate(config),
+        candidate=chosen,
     )
     report["workers"] = await reader.workers()
     report["pending"] = await reader.pending(config.compare.group)

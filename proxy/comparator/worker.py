@@ -20,7 +20,7 @@ from ..config import Config, UpstreamConfig
 from ..store import Keys, StoreUnavailable
 from .aggregate import Contribution, Settings, contributions
 from .metrics import Tolerance
-from .parse import PoisonRecord, parse_record
+from .parse import PoisonRecord, Record, parse_record
 from .pricing import PriceBook
 from .store import ComparatorStore, Entry, Limits
 
@@ -36,6 +36,7 @@ class Progress:
     duplicates: int = 0
     dead_lettered: int = 0
     reclaimed: int = 0
+    parse_errors: dict[str, int] = field(default_factory=dict)  # reason -> answers with that unreadable part
     started: float = field(default_factory=time.time)
 
 
@@ -127,7 +128,9 @@ class Worker:
         found: list[Contribution] = []
         for entry_id, fields in entries:
             try:
-                found.extend(contributions(parse_record(fields), self._settings))
+                record = parse_record(fields)
+                self._count_parse_errors(record)
+                found.extend(contributions(record, self._settings))
             except PoisonRecord as exc:
                 await self.store.dead_letter(entry_id, fields, str(exc))
                 self.progress.dead_lettered += 1
@@ -140,6 +143,12 @@ class Worker:
         self.progress.duplicates += len(found) - applied
         return len(entries)
 
+    def _count_parse_errors(self, record: Record) -> None:
+        errors = self.progress.parse_errors
+        for arm in record.arms.values():
+            if arm.output.parse_error:
+                errors[arm.output.parse_error] = errors.get(arm.output.parse_error, 0) + 1
+
     def _summary(self) -> dict[str, object]:
         p = self.progress
         return {
@@ -149,6 +158,7 @@ class Worker:
             "duplicates": p.duplicates,
             "dead_lettered": p.dead_lettered,
             "reclaimed": p.reclaimed,
+            "parse_errors": dict(p.parse_errors),
         }
 
     async def _heartbeat(self) -> None:
