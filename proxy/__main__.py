@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--config", metavar="FILE", help="TOML config file")
     replay.add_argument("--redis-url", metavar="URL", help="Redis holding the records (record.redis_url)")
     replay.add_argument("--candidate", metavar="URL", help="where to send them (candidate.url)")
+    replay.add_argument(
+        "--to", metavar="NAME", help="the configured candidate to send them to (default: the canary's, else the first)"
+    )
     which = replay.add_mutually_exclusive_group()
     which.add_argument("--last", type=int, metavar="N", help="the last N records (default 100)")
     which.add_argument("--since", metavar="DURATION", help="records of the last DURATION, e.g. 15m")
@@ -340,6 +343,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=_overrides(args))
     if not config.candidate:
         raise ConfigError("missing config key candidate.url: pass --candidate URL or set [candidate] url")
+    names = [c.name for c in config.candidate]
+    if args.to and args.to not in names:
+        raise ConfigError(f"--to {args.to!r}: no candidate has this name (configured: {', '.join(names)})")
     headers = []
     for item in args.header:
         name, sep, value = item.partition(":")
@@ -352,7 +358,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     redis_url = _redis_for_reading(config)
     since = time.time() - parse_duration(args.since) if args.since else None
     console = Console(stderr=True)
-    replayer = Replayer(config, redis_url, headers=headers)
+    replayer = Replayer(config, redis_url, headers=headers, name=args.to)
 
     async def run() -> None:
         entries = await load_entries(config, redis_url, last=args.last, since=since)

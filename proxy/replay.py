@@ -69,10 +69,12 @@ def _request(
 class Replayer:
     """Sends recorded requests to one upstream at a fixed rate and records the pairs."""
 
-    def __init__(self, config: Config, redis_url: str, *, headers: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, config: Config, redis_url: str, *, headers: list[tuple[str, str]], name: str | None = None
+    ) -> None:
         record = config.record
         self._config = config
-        target = canary_candidate(config)
+        target = next((c for c in config.candidate if c.name == name), None) if name else canary_candidate(config)
         assert target is not None, "replay needs a candidate (checked by the command)"
         self._upstream = Upstream(target.name, target)
         self._store = RecordStore(

@@ -86,3 +86,33 @@ async def test_interrupted_replay_stops_cleanly_and_says_how_far_it_got(upstream
     assert "replay stopped" in stdout and "of 30 sent" in stdout
     sent = int(stdout.split("): ")[1].split(" of ")[0])
     assert 3 <= sent < 30
+
+
+async def test_replay_to_a_named_candidate_is_shaped_for_it(upstreams, proxies, redis_url, tmp_path) -> None:
+    """--to NAME picks one of several configured candidates, and its model shaping applies."""
+    incumbent = await upstreams(echo)
+    proxy = await proxies(incumbent={"url": incumbent.url}, record={"redis_url": redis_url})
+    async with aiohttp.ClientSession() as client:
+        for i in range(4):
+            body = orjson.dumps({"model": "gpt-4o-mini", "n": i})
+            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=body) as resp:
+                await resp.read()
+    await eventually(lambda: proxy.runtime.metrics.value("shadow_proxy_records_written_total") == 4)
+    first, second = await upstreams(echo), await upstreams(echo)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[[candidate]]\nname = "one"\nurl = "{first.url}"\n'
+        f'[[candidate]]\nname = "two"\nurl = "{second.url}"\nmodel = "two-model"\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "replay", "--config", str(config), "--redis-url", redis_url, "--to", "two"]
+        + ["--last", "4", "--rate", "200"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": os.environ.get("PATH", "")},
+    )
+    stdout, stderr = await asyncio.to_thread(process.communicate, timeout=60)
+    assert process.returncode == 0, stderr
+    assert first.requests == [] and len(second.requests) == 4
+    assert sorted(orjson.loads(r["body"])["model"] for r in second.requests) == ["two-model"] * 4
