@@ -31,8 +31,9 @@ async def _record(upstreams, proxies, redis_url: str, n: int, **record: object):
 
 
 def _replay(redis_url: str, candidate: str, *args: str) -> subprocess.Popen[str]:
+    target = ["--candidate", candidate] if candidate else []
     return subprocess.Popen(
-        [sys.executable, "-m", "proxy", "replay", "--redis-url", redis_url, "--candidate", candidate, *args],
+        [sys.executable, "-m", "proxy", "replay", "--redis-url", redis_url, *target, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -104,14 +105,7 @@ async def test_replay_to_a_named_candidate_is_shaped_for_it(upstreams, proxies, 
         f'[[candidate]]\nname = "one"\nurl = "{first.url}"\n'
         f'[[candidate]]\nname = "two"\nurl = "{second.url}"\nmodel = "two-model"\n'
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "replay", "--config", str(config), "--redis-url", redis_url, "--to", "two"]
-        + ["--last", "4", "--rate", "200"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={"PATH": os.environ.get("PATH", "")},
-    )
+    process = _replay(redis_url, "", "--config", str(config), "--to", "two", "--last", "4", "--rate", "200")
     stdout, stderr = await asyncio.to_thread(process.communicate, timeout=60)
     assert process.returncode == 0, stderr
     assert first.requests == [] and len(second.requests) == 4
