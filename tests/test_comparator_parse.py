@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Mapping
 
 import orjson
 import pytest
@@ -167,3 +168,83 @@ def test_unreadable_entries_are_poison(fields: dict[bytes, bytes]) -> None:
     """Anything but a version-1 record raises PoisonRecord with a reason."""
     with pytest.raises(PoisonRecord):
         parse_record(fields)
+
+
+def _tgi_event(index: int, text: str, *, special: bool = False, last: str | None = None) -> dict[str, object]:
+    details = {"finish_reason": "length", "generated_tokens": index, "seed": None} if last is not None else None
+    token = {"id": 100 + index, "text": text, "logprob": -0.25, "special": special}
+    return {"index": index, "token": token, "generated_text": last, "details": details}
+
+
+def _tgi(*events: Mapping[str, object]) -> bytes:
+    return b"".join(b"data:" + orjson.dumps(e) + b"\n\n" for e in events)
+
+
+def test_a_tgi_stream_is_not_read_as_an_openai_stream() -> None:
+    """TGI's /generate_stream is tgi.generate: its tokens' text, details' finish reason and count, no error."""
+    out = parse_body(_tgi(_tgi_event(1, "Hello"), _tgi_event(2, " world", last="Hello world")), "text/event-stream")
+    assert (out.shape, out.kind, out.text, out.stream_error) == ("tgi.generate", "completion", "Hello world", None)
+    assert (out.finish_reason, out.completion_tokens, out.prompt_tokens) == ("length", 2, None)
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        pytest.param([_tgi_event(1, "Hello")], id="error-after-a-token"),
+        pytest.param([], id="error-only"),
+    ],
+)
+def test_a_tgi_error_event_is_a_stream_error(events: list[dict[str, object]]) -> None:
+    """TGI's {"error", "error_type"} event inside a 200 stream is stream_error, with or without tokens before it."""
+    error = {"error": "Request failed during generation: Server error: CUDA out of memory", "error_type": "generation"}
+    out = parse_body(_tgi(*events, error), "text/event-stream")
+    assert (out.shape, out.stream_error) == ("tgi.generate", "stream_error")
+
+
+def test_a_tgi_style_error_inside_an_openai_stream_is_a_stream_error() -> None:
+    """TGI's OpenAI-compatible routes send the same error event: a chat stream that gets it failed."""
+    error = {"error": "Request failed during generation", "error_type": "generation"}
+    out = parse_sse(_sse(_delta("Hel"), error, done=False))
+    assert (out.shape, out.text, out.stream_error) == ("openai.chat", "Hel", "stream_error")
+
+
+def _ollama(*lines: dict[str, object]) -> bytes:
+    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+
+def test_an_ollama_error_line_mid_stream_is_a_stream_error() -> None:
+    """Ollama reports a failure mid-stream as an {"error"} line in a 200 answer: stream_error, text so far kept."""
+    line = {"model": "gemma3", "created_at": "2025-10-26T17:21:21.196249Z", "response": " Yes", "done": False}
+    out = parse_body(
+        _ollama(line, {"error": "an error was encountered while running the model"}), "application/x-ndjson"
+    )
+    assert (out.shape, out.text, out.stream_error, out.streamed) == ("ollama", " Yes", "stream_error", True)
+
+
+def test_an_unknown_stream_is_text_and_never_an_error() -> None:
+    """JSON events of no known API: shape sse, kind text, each event's data one a line, no error, even unfinished."""
+    events = [{"seq": 1, "value": 0.5}, {"seq": 2, "value": 0.75}]
+    out = parse_body(_sse(*events, done=False), "text/event-stream")
+    assert (out.shape, out.kind, out.streamed, out.stream_error, out.parse_error) == ("sse", "text", True, None, None)
+    assert out.text == '{"seq":1,"value":0.5}\n{"seq":2,"value":0.75}'
+    with_done = parse_body(_sse(*events), "text/event-stream")
+    assert (with_done.shape, with_done.text) == ("sse", out.text)  # [DONE] alone does not make it OpenAI's
+
+
+def test_a_stream_of_plain_text_events_is_text_without_a_parse_error() -> None:
+    """Events whose data is not JSON at all are a text stream: their data, no bad_sse_event."""
+    out = parse_body(b"data: Hello\n\ndata:  world\n\n", "text/event-stream")
+    assert (out.shape, out.text, out.parse_error, out.stream_error) == ("sse", "Hello\n world", None, None)
+
+
+def test_unknown_json_lines_are_the_ndjson_shape_without_an_error() -> None:
+    """JSON lines of no known API: shape ndjson, their text fields joined, no error."""
+    out = parse_body(_ollama({"token": "Hel"}, {"token": "lo"}), "application/x-ndjson")
+    assert (out.shape, out.kind, out.text, out.stream_error) == ("ndjson", "text", "Hello", None)
+
+
+def test_a_stream_that_died_inside_its_first_event_is_still_its_api() -> None:
+    """No event could be read, but the bytes say OpenAI chat: truncated_stream, as for any unfinished chat stream."""
+    body = _sse(_delta("Hello"), done=False)[:-30]
+    out = parse_body(body, "text/event-stream")
+    assert (out.shape, out.stream_error, out.text) == ("openai.chat", "truncated_stream", "")

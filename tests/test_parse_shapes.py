@@ -13,7 +13,12 @@ import pytest
 from proxy.comparator.parse import STREAM_ERROR, TRUNCATED_STREAM, PoisonRecord, parse_body, parse_record, prompt_text
 
 PAYLOADS = Path(__file__).parent / "payloads"
-CONTENT_TYPES = {".json": "application/json", ".sse": "text/event-stream; charset=utf-8", ".txt": "text/plain"}
+CONTENT_TYPES = {
+    ".json": "application/json",
+    ".sse": "text/event-stream; charset=utf-8",
+    ".ndjson": "application/x-ndjson",
+    ".txt": "text/plain",
+}
 
 WEATHER_PARIS = ("get_weather", '{"location":"Paris, France","unit":"celsius"}')
 TIME_PARIS = ("get_time", '{"timezone":"Europe/Paris"}')
@@ -61,6 +66,7 @@ def _expect(
 
 CHAT, COMPLETION, EMBEDDING = "openai.chat", "openai.completion", "openai.embedding"
 RESPONSES, ANTHROPIC = "openai.responses", "anthropic.messages"
+TGI, OLLAMA, UNKNOWN_SSE = "tgi.generate", "ollama", "sse"
 STRUCTURED = '{"name":"Science Fair","date":"Friday","participants":["Alice","Bob"]}'
 
 SHAPES = [
@@ -185,11 +191,54 @@ SHAPES = [
         id="anthropic-stream-error-event",
     ),
     pytest.param("anthropic_error.json", _expect(ANTHROPIC, "json", None), id="anthropic-error-body"),
+    pytest.param(
+        "tgi_generate.json",
+        _expect(TGI, "completion", finish="eos_token", tokens=(15, 8, None, None)),
+        id="tgi-generate-details-prefill",
+    ),
+    pytest.param("tgi_generate_list.json", _expect(TGI, "completion"), id="tgi-generate-list-form"),
+    pytest.param(
+        "tgi_generate_stream.sse",
+        _expect(TGI, "completion", finish="eos_token", tokens=(15, 8, None, None), streamed=True),
+        id="tgi-generate-stream-special-eos-skipped",
+    ),
+    pytest.param(
+        "ollama_generate_stream.ndjson",
+        _expect(OLLAMA, "completion", finish="stop", tokens=(32, 8, None, None), streamed=True),
+        id="ollama-generate-stream",
+    ),
+    pytest.param(
+        "ollama_chat_stream.ndjson",
+        _expect(OLLAMA, finish="stop", tokens=(30, 8, None, None), streamed=True),
+        id="ollama-chat-stream",
+    ),
+    pytest.param(
+        "ollama_generate.json",
+        _expect(OLLAMA, "completion", finish="stop", tokens=(32, 8, None, None)),
+        id="ollama-generate-not-streamed",
+    ),
+    pytest.param(
+        "ollama_chat_tool_calls.json",
+        _expect(OLLAMA, text="", calls=(WEATHER_PARIS,), finish="stop", tokens=(169, 23, None, None)),
+        id="ollama-chat-not-streamed-tool-call",
+    ),
+    pytest.param(
+        "llamacpp_completion_stream.sse",  # llama.cpp's native /completion: a format not known here
+        _expect(UNKNOWN_SSE, "text", streamed=True),
+        id="unknown-format-stream-is-sse-text",
+    ),
     pytest.param("classifier.json", _expect("json", "json", None), id="generic-json"),
     pytest.param("plain.txt", _expect("text", "text", "Bonjour! Paris is the capital of France.\n"), id="text"),
 ]
 FILES = [param.values[0] for param in SHAPES]
-STREAMS = [name for name in FILES if name.endswith(".sse")]
+
+
+def _known_stream(expected: Any) -> bool:
+    """A stream of a known API (a stream of an unknown format has no rule saying when it is complete)."""
+    return bool(expected["streamed"]) and expected["shape"] != UNKNOWN_SSE
+
+
+STREAMS = [param.values[0] for param in SHAPES if _known_stream(param.values[1])]
 
 
 @pytest.mark.parametrize(("name", "expected"), SHAPES)
@@ -266,6 +315,36 @@ def test_a_stream_that_stopped_early_on_its_own_is_truncated_stream(name: str) -
     assert (out.streamed, out.truncated, out.stream_error) == (True, False, TRUNCATED_STREAM)
 
 
+CUTS = [
+    pytest.param("tgi_generate_stream.sse", False, TGI, TRUNCATED_STREAM, id="tgi-stream-stopped-early"),
+    pytest.param("tgi_generate_stream.sse", True, TGI, None, id="tgi-stream-cut-by-the-cap"),
+    pytest.param("ollama_generate_stream.ndjson", False, OLLAMA, TRUNCATED_STREAM, id="ollama-stream-stopped-early"),
+    pytest.param("ollama_chat_stream.ndjson", True, OLLAMA, None, id="ollama-stream-cut-by-the-cap"),
+    pytest.param("llamacpp_completion_stream.sse", False, UNKNOWN_SSE, None, id="unknown-stream-stopped-early"),
+]
+
+
+@pytest.mark.parametrize(("name", "truncated", "shape", "stream_error"), CUTS)
+def test_a_stream_cut_in_half_is_truncated_stream_only_when_its_api_is_known_and_the_cap_did_not_cut_it(
+    name: str, truncated: bool, shape: str, stream_error: str | None
+) -> None:
+    """Half a TGI or Ollama stream is truncated_stream, or a partial answer when cut by the cap; half a stream of
+    an unknown format is never an error."""
+    body, content_type = _payload(name)
+    out = parse_body(body[: len(body) // 2], content_type, truncated=truncated)
+    assert (out.shape, out.stream_error, out.parse_error) == (shape, stream_error, None)
+    assert out.streamed and PARIS.startswith(out.text or "-") and out.text != PARIS
+
+
+@pytest.mark.parametrize("name", ["ollama_generate_stream.ndjson", "ollama_chat_stream.ndjson"])
+@pytest.mark.parametrize("content_type", ["application/json", ""])
+def test_ndjson_is_told_by_its_lines_without_its_content_type(name: str, content_type: str) -> None:
+    """JSON lines sent as application/json, or with no content type, are still read as a stream."""
+    body, _ = _payload(name)
+    expected = parse_body(*_payload(name))
+    assert parse_body(body, content_type) == expected
+
+
 def test_a_truncated_gzip_body_inflates_as_far_as_it_goes() -> None:
     """A compressed capture cut by the cap still yields the stream's text so far, marked truncated."""
     body, _ = _payload("openai_chat_stream.sse")
@@ -321,8 +400,8 @@ def test_parse_record_raises_nothing_but_poison_records_on_mangled_input() -> No
             pass
 
 
-def test_prompt_text_reads_anthropic_and_responses_requests() -> None:
-    """System blocks, block-list contents, Responses instructions and input items all count as prompt text."""
+def test_prompt_text_reads_anthropic_responses_and_tgi_requests() -> None:
+    """System blocks, block-list contents, Responses instructions and input items, TGI inputs count as prompt text."""
     anthropic = {
         "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
         "messages": [
@@ -342,6 +421,9 @@ def test_prompt_text_reads_anthropic_and_responses_requests() -> None:
     assert prompt_text(orjson.dumps(responses)) == "Be brief. Weather in Paris? 18C"
     assert prompt_text(orjson.dumps({"instructions": "Hi.", "input": "Paris?"})) == "Hi. Paris?"
     assert prompt_text(b'{"messages": [{"role": "user", "content": "Paris?"}]}') == "Paris?"
+    assert (
+        prompt_text(b'{"inputs": "[INST] Paris? [/INST]", "parameters": {"details": true}}') == "[INST] Paris? [/INST]"
+    )
 
 
 def test_a_version_2_record_keeps_each_arm_model() -> None:

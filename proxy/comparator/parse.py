@@ -1,9 +1,10 @@
-"""From raw recorded bytes to what each arm answered: record metadata, encodings, SSE framing, JSON or text.
+"""From raw recorded bytes to what each arm answered: record metadata, encodings, SSE or NDJSON framing, JSON, text.
 
 Runs in the comparator, never in the proxy. A record (``docs/records.md``) holds each arm's body exactly as
-it travelled; here it is decompressed, told apart as an SSE stream, a JSON document or text, and handed to
-``shapes.py``, which knows the answers of OpenAI (chat, completions, embeddings, Responses) and Anthropic
-(Messages) and reads anything else as generic JSON.
+it travelled; here it is decompressed, told apart as an SSE stream, newline-delimited JSON (a stream of one
+JSON object a line, by its content type or its lines), a JSON document or text, and handed to ``shapes.py``,
+which knows the answers of OpenAI (chat, completions, embeddings, Responses), Anthropic (Messages), TGI and
+Ollama, reads any other document as generic JSON and any other stream as text.
 
 Invariants: ``parse_record`` raises nothing but PoisonRecord, and ``parse_body`` raises nothing: a body
 that looks like a known shape but cannot be read in part still counts, with ``Output.parse_error`` saying
@@ -26,8 +27,11 @@ from .shapes import (
     CHAT,
     COMPLETION,
     EMBEDDING,
+    NDJSON,
+    OLLAMA,
     RESPONSES,
     STREAM_ERROR,
+    TGI,
     TRUNCATED_STREAM,
     Output,
     parse_document,
@@ -45,6 +49,7 @@ __all__ = [
     "Record",
     "parse_body",
     "parse_document",
+    "parse_ndjson",
     "parse_record",
     "parse_sse",
     "prompt_text",
@@ -208,7 +213,7 @@ def prompt_text(request_body: bytes) -> str:
 
 def _prompt(request: Any) -> str:
     """System prompt or instructions, then chat or Anthropic ``messages`` (string contents or lists of text
-    blocks), Responses ``input`` (a string or message items) or a completion ``prompt``."""
+    blocks), Responses ``input`` (a string or message items), a completion ``prompt`` or TGI's ``inputs``."""
     if not isinstance(request, dict):
         return ""
     parts = [text_of(request.get("system")), text_of(request.get("instructions"))]
@@ -216,7 +221,7 @@ def _prompt(request: Any) -> str:
     if isinstance(messages, list):
         parts.extend(text_of(m.get("content")) for m in messages if isinstance(m, dict))
     else:
-        parts.append(_prompt_value(request.get("prompt") or request.get("input") or ""))
+        parts.append(_prompt_value(request.get("prompt") or request.get("input") or request.get("inputs") or ""))
     return " ".join(part for part in parts if part)
 
 
@@ -233,7 +238,7 @@ def _prompt_value(prompt: Any) -> str:
 
 
 def parse_body(body: bytes, content_type: str, *, truncated: bool = False) -> Output:
-    """What an arm answered: a reassembled SSE stream, a JSON answer read by its shape, else text.
+    """What an arm answered: a reassembled SSE or NDJSON stream, a JSON answer read by its shape, else text.
 
     Never raises: what cannot be read is a ``parse_error``; ``truncated`` (the proxy's body cap cut the
     capture) gives a best-effort partial answer.
@@ -244,6 +249,8 @@ def parse_body(body: bytes, content_type: str, *, truncated: bool = False) -> Ou
     try:
         if _is_stream(body, content_type):
             return parse_sse(body, truncated=truncated)
+        if "ndjson" in content_type or "jsonl" in content_type:  # application/x-ndjson (Ollama), application/jsonl
+            return parse_ndjson(body, truncated=truncated)
         return _plain(body, content_type, truncated)
     except RecursionError:
         return _unreadable(body, "too_deep", truncated)
@@ -266,6 +273,8 @@ def _plain(body: bytes, content_type: str, truncated: bool) -> Output:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if _is_ndjson(body):
+            return parse_ndjson(body, truncated=truncated)
         if not _looks_json(body) and "json" not in content_type:
             return Output("text", text=body.decode("utf-8", errors="replace"), shape="text", truncated=truncated)
         reason = "too_deep" if "depth" in str(exc) else "bad_json"
@@ -274,6 +283,12 @@ def _plain(body: bytes, content_type: str, truncated: bool) -> Output:
         return _unreadable(body, "too_deep", truncated)
     output = parse_document(doc)
     return replace(output, truncated=True) if truncated else output
+
+
+def _is_ndjson(body: bytes) -> bool:
+    """Several lines, the first a JSON object: newline-delimited JSON sent without its content type."""
+    first, newline, rest = body.lstrip().partition(b"\n")
+    return bool(newline and rest.strip()) and isinstance(_json(first), dict)
 
 
 def _unreadable(body: bytes, reason: str | None, truncated: bool) -> Output:
@@ -294,14 +309,21 @@ def _sniff(body: bytes) -> str:
             return RESPONSES
         if key == b"type" and value in (b"message", b"message_start", b"error"):
             return ANTHROPIC
+    head = body[:4096]
+    if b'"generated_text"' in head:
+        return TGI
+    if b'"created_at"' in head and (b'"response"' in head or b'"message"' in head):
+        return OLLAMA
     return "json"
 
 
 def parse_sse(body: bytes, *, truncated: bool = False) -> Output:
-    """Reassemble a server-sent event stream (OpenAI chat or completions, Responses API, Anthropic Messages).
+    """Reassemble a server-sent event stream (OpenAI chat or completions, Responses API, Anthropic Messages,
+    TGI; any other format as text).
 
     An event whose data is not JSON is skipped and counted as ``bad_sse_event``, except the last one when
-    the body does not end with a blank line: that is where the stream was cut.
+    the body does not end with a blank line: that is where the stream was cut. When no event could be read,
+    the bytes' markers tell the API (a stream cut inside its first event is still that API's).
     """
     blocks = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n\n")
     events: list[tuple[str, dict[str, Any]]] = []
@@ -318,7 +340,42 @@ def parse_sse(body: bytes, *, truncated: bool = False) -> Output:
             events.append((name, event))
         elif position < len(blocks) - 1:
             bad = True
-    return stream_output(events, truncated=truncated, parse_error="bad_sse_event" if bad else None)
+    hint = None if events else _sniff(body)
+    out = stream_output(events, truncated=truncated, parse_error="bad_sse_event" if bad else None, hint=hint)
+    if out.text is None:  # an unknown format whose events have no text field: each event's data, one a line
+        datas = (_sse_fields(block)[1] for block in blocks[:-1])  # the last block is empty, or cut unfinished
+        return _with_data(out, [d for d in datas if d is not None and d.strip() != b"[DONE]"])
+    return out
+
+
+def parse_ndjson(body: bytes, *, truncated: bool = False) -> Output:
+    """Reassemble newline-delimited JSON, one event a line (Ollama's native streams; any other format as text).
+
+    A line that is not a JSON object is skipped and counted as ``bad_ndjson_line``, except an unterminated
+    last one: that is where the stream was cut.
+    """
+    lines = body.split(b"\n")
+    events: list[tuple[str, dict[str, Any]]] = []
+    bad = False
+    for position, line in enumerate(lines):
+        if not line.strip():
+            continue
+        event = _json(line)
+        if isinstance(event, dict):
+            events.append(("", event))
+        elif position < len(lines) - 1:
+            bad = True
+    hint = None if events else _sniff(body)
+    error = "bad_ndjson_line" if bad else None
+    out = stream_output(events, truncated=truncated, parse_error=error, framing=NDJSON, hint=hint)
+    if out.text is None:  # an unknown format whose lines have no text field: the lines, but an unfinished last one
+        complete = lines if _json(lines[-1]) is not None else lines[:-1]
+        return _with_data(out, [line for line in complete if line.strip()])
+    return out
+
+
+def _with_data(out: Output, data: list[bytes]) -> Output:
+    return replace(out, text="\n".join(d.decode("utf-8", errors="replace") for d in data))
 
 
 def _sse_fields(block: bytes) -> tuple[str, bytes | None]:

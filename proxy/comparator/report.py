@@ -37,7 +37,7 @@ def _by_prefix(counters: dict[str, float], prefix: str) -> dict[str, int]:
 
 
 # Shapes that say "we could not tell what this answer is" (generic JSON and text are answers we compare).
-UNRECOGNISED = frozenset({"unknown", "sse"})
+UNRECOGNISED = frozenset({"unknown", "sse", "ndjson"})
 
 
 def _answers(counters: dict[str, float]) -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
 Recognised without configuration, by their ``object``/``type`` fields or their structure: OpenAI chat
 completions and completions (plain or chunk streams, tool calls, JSON mode), embeddings (``float`` or
-``base64``) and Responses API objects and events; Anthropic Messages, their events and error bodies. Any
-other document is generic JSON. ``parse.py`` frames the bytes; this module reads decoded JSON.
+``base64``) and Responses API objects and events; Anthropic Messages, their events and error bodies; the
+native APIs of Hugging Face TGI (``/generate``, ``/generate_stream``) and Ollama (``/api/generate``,
+``/api/chat``, plain or NDJSON). Any other document is generic JSON, and a stream of any other format is
+read as text (shape ``sse`` or ``ndjson``) with no completeness rule: it is never a stream error.
+``parse.py`` frames the bytes; this module reads decoded JSON.
 
 Invariant: the readers never raise on an odd document (they check each type instead of trusting the wire)
 and never recurse in Python; an answer text's JSON is kept as a document only when it nests at most
@@ -27,6 +30,8 @@ MAX_DEPTH = 128
 
 CHAT, COMPLETION, EMBEDDING = "openai.chat", "openai.completion", "openai.embedding"
 RESPONSES, ANTHROPIC = "openai.responses", "anthropic.messages"
+TGI, OLLAMA = "tgi.generate", "ollama"
+SSE, NDJSON = "sse", "ndjson"  # streams (SSE events, JSON lines) of a format not known here
 
 ToolCalls = tuple[tuple[str, str], ...]
 
@@ -51,7 +56,8 @@ class Output:
     model: str | None = None
     streamed: bool = False
     stream_error: str | None = None
-    # openai.chat | openai.completion | openai.embedding | openai.responses | anthropic.messages | json | text | empty
+    # openai.chat | openai.completion | openai.embedding | openai.responses | anthropic.messages | tgi.generate
+    # | ollama | sse | ndjson (a stream of an unknown format) | json | text | empty
     shape: str = "unknown"
     truncated: bool = False  # the proxy's body cap cut the capture: not an error, the answer is partial
     reasoning_tokens: int | None = None
@@ -62,6 +68,9 @@ class Output:
 def parse_document(doc: Any) -> Output:
     """A JSON answer, recognised by its ``object``/``type`` field or its structure, else generic JSON."""
     if not isinstance(doc, dict):
+        first = doc[0] if isinstance(doc, list) and doc else None
+        if isinstance(first, dict) and isinstance(first.get("generated_text"), str):  # TGI's "/" route, HF Inference
+            return _whole(_TgiStream, first)
         return Output("json", document=doc, shape="json")
     choices = doc.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
@@ -78,6 +87,10 @@ def parse_document(doc: Any) -> Output:
     data = doc.get("data")
     if isinstance(data, list) and data and isinstance(data[0], dict) and "embedding" in data[0]:
         return _embeddings(doc, data)
+    if isinstance(doc.get("generated_text"), str):
+        return _whole(_TgiStream, doc)
+    if _is_ollama(doc):
+        return _whole(_OllamaStream, doc)
     label = next((doc[k] for k in ("label", "prediction", "class") if isinstance(doc.get(k), str | int)), None)
     return Output("json", document=doc, label=None if label is None else str(label), shape="json", **_common(doc))
 
@@ -182,15 +195,26 @@ def _vector(value: Any) -> tuple[tuple[float, ...], str | None]:
     return (), "bad_embedding"
 
 
-def stream_output(events: list[tuple[str, dict[str, Any]]], *, truncated: bool, parse_error: str | None) -> Output:
+def stream_output(
+    events: list[tuple[str, dict[str, Any]]],
+    *,
+    truncated: bool,
+    parse_error: str | None,
+    framing: str = SSE,
+    hint: str | None = None,
+) -> Output:
     """Reassemble a stream's events (SSE ``event`` name, decoded ``data``; ``[DONE]`` as a name) into its answer.
 
-    The API is told by the first event that says so. A stream whose last event (``[DONE]`` or a finish
-    reason, ``response.completed``/``.incomplete``/``.failed``, ``message_stop``) never came stopped early:
-    ``truncated_stream``, unless the proxy's own body cap cut it (``truncated``). An error event, or a failed
-    response, is ``stream_error``.
+    The API is told by the first event that says so, else by ``hint`` (the shape the bytes seem to have when
+    no event could be read). A stream whose last event (``[DONE]`` or a finish reason,
+    ``response.completed``/``.incomplete``/``.failed``, ``message_stop``, TGI's ``generated_text``, Ollama's
+    ``done``) never came stopped early: ``truncated_stream``, unless the proxy's own body cap cut it
+    (``truncated``). An error event, or a failed response, is ``stream_error``. A stream of no known API is
+    shape ``framing`` (``sse`` or ``ndjson``), kind ``text``, with no error: its text is that of its events'
+    text fields, or None when they have none (``parse.py`` then keeps their data).
     """
-    stream = _stream_family(events)()
+    family = _stream_family(events, framing) or _HINTS.get(hint or "")
+    stream = family() if family is not None else _UnknownStream(framing)
     for name, event in events:
         stream.feed(name, event)
     return stream.output(truncated=truncated, parse_error=parse_error)
@@ -202,20 +226,59 @@ _ANTHROPIC_EVENTS = frozenset(
 )
 
 
-def _stream_family(events: list[tuple[str, dict[str, Any]]]) -> type[_Stream]:
+def _stream_family(events: list[tuple[str, dict[str, Any]]], framing: str) -> type[_Stream] | None:
     for name, event in events:
-        kind = event.get("type")
-        kind = kind if isinstance(kind, str) else name
-        if kind.startswith("response."):
-            return _ResponsesStream
-        if kind in _ANTHROPIC_EVENTS:
-            return _AnthropicStream
-        if "choices" in event:
-            return _ChatStream
-    for _, event in events:  # nothing but error events: Anthropic's wrap an error object, the Responses API's do not
-        if event.get("type") == "error":
-            return _AnthropicStream if isinstance(event.get("error"), dict) else _ResponsesStream
-    return _ChatStream
+        family = _family(name, event)
+        if family is not None:
+            return family
+    for _, event in events:  # nothing but error events
+        family = _error_family(event, framing)
+        if family is not None:
+            return family
+    return None
+
+
+def _family(name: str, event: dict[str, Any]) -> type[_Stream] | None:
+    """The API an event belongs to, when it says so (``[DONE]`` alone does not: many servers send it)."""
+    kind = event.get("type")
+    kind = kind if isinstance(kind, str) else name
+    if kind.startswith("response."):
+        return _ResponsesStream
+    if kind in _ANTHROPIC_EVENTS:
+        return _AnthropicStream
+    if "choices" in event:
+        return _ChatStream
+    if isinstance(event.get("token"), dict) and "generated_text" in event:
+        return _TgiStream
+    if _is_ollama(event):
+        return _OllamaStream
+    return None
+
+
+def _error_family(event: dict[str, Any], framing: str) -> type[_Stream] | None:
+    error = event.get("error")
+    if event.get("type") == "error":  # Anthropic's wrap an error object, the Responses API's do not
+        return _AnthropicStream if isinstance(error, dict) else _ResponsesStream
+    if isinstance(error, dict):  # an OpenAI-compatible server's error object
+        return _ChatStream
+    if isinstance(error, str) and framing == NDJSON:  # Ollama's mid-stream error line
+        return _OllamaStream
+    if isinstance(error, str) and "error_type" in event:  # TGI's ErrorResponse
+        return _TgiStream
+    return None
+
+
+def _is_ollama(doc: dict[str, Any]) -> bool:
+    return isinstance(doc.get("done"), bool) and (
+        isinstance(doc.get("response"), str) or isinstance(doc.get("message"), dict)
+    )
+
+
+def _whole(family: type[_Stream], doc: dict[str, Any]) -> Output:
+    """A non-streamed answer of an API whose plain answer has the fields of its last stream event (TGI, Ollama)."""
+    stream = family()
+    stream.feed("", doc)
+    return stream.output(truncated=False, parse_error=None, streamed=False)
 
 
 class _Stream:
@@ -236,9 +299,10 @@ class _Stream:
     def answer(self) -> tuple[str, ToolCalls]:
         raise NotImplementedError
 
-    def output(self, *, truncated: bool, parse_error: str | None) -> Output:
+    def output(self, *, truncated: bool, parse_error: str | None, streamed: bool = True) -> Output:
         text, calls = self.answer()
-        error = STREAM_ERROR if self.failed else None if self.complete or truncated else TRUNCATED_STREAM
+        unfinished = streamed and not (self.complete or truncated)  # a plain answer has no last event to miss
+        error = STREAM_ERROR if self.failed else TRUNCATED_STREAM if unfinished else None
         return Output(
             self.kind,
             text=text,
@@ -246,7 +310,7 @@ class _Stream:
             tool_calls=calls,
             finish_reason=self.finish,
             model=self.model,
-            streamed=True,
+            streamed=streamed,
             stream_error=error,
             shape=self.shape,
             truncated=truncated,
@@ -267,7 +331,8 @@ class _ChatStream(_Stream):
         if name == "[DONE]":
             self.complete = True
             return
-        self.failed = self.failed or isinstance(event.get("error"), dict)  # an error object inside a 200 stream
+        if "error" in event:  # inside a 200 stream: an error object (OpenAI, vLLM), or TGI's {"error", "error_type"}
+            self.failed = self.failed or isinstance(event["error"], dict | str)
         self.model = _opt_str(event.get("model")) or self.model
         if isinstance(event.get("usage"), dict):  # stream_options.include_usage: a last chunk with no choices
             self.usage = event["usage"]
@@ -401,6 +466,136 @@ class _AnthropicStream(_Stream):
                 block["input"] = joined  # the input object arrives as partial JSON text
             blocks.append(block)
         return _anthropic_content(blocks)
+
+
+class _TgiStream(_Stream):
+    """TGI's native ``/generate_stream`` events: one token each; the last carries the whole text and details.
+
+    A plain ``/generate`` answer has the fields of that last event. ``details`` comes only when asked for.
+    """
+
+    kind, shape = "completion", TGI
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens: list[str] = []
+        self.text: str | None = None
+
+    def feed(self, name: str, event: dict[str, Any]) -> None:
+        if isinstance(event.get("error"), str):  # TGI's ErrorResponse, sent as an event when generation fails
+            self.failed = self.complete = True
+            return
+        token = _dict(event.get("token"))
+        if token.get("special") is not True:  # the text TGI returns skips special tokens (</s>, <|eot_id|>...)
+            self.tokens.append(_str(token.get("text")))
+        if isinstance(event.get("generated_text"), str):
+            self.text, self.complete = event["generated_text"], True
+        details = _dict(event.get("details"))
+        if details:
+            self.finish = _opt_str(details.get("finish_reason"))
+            # input_length (streams, TGI 2+); prefill lists the prompt's tokens only with decoder_input_details
+            prompt = details.get("input_length", len(_list(details.get("prefill"))) or None)
+            self.usage = {"prompt_tokens": prompt, "completion_tokens": details.get("generated_tokens")}
+
+    def answer(self) -> tuple[str, ToolCalls]:
+        return "".join(self.tokens) if self.text is None else self.text, ()
+
+
+class _OllamaStream(_Stream):
+    """Ollama's native ``/api/generate`` and ``/api/chat`` lines: a piece of text each, then one with ``done``.
+
+    A plain answer is that last line with the whole text. Thinking is not part of the answer.
+    """
+
+    kind, shape = "completion", OLLAMA
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+        self.calls: list[tuple[str, str]] = []
+
+    def feed(self, name: str, event: dict[str, Any]) -> None:
+        if isinstance(event.get("error"), str | dict):  # an error mid-stream is a line of its own
+            self.failed = self.complete = True
+            return
+        self.model = _opt_str(event.get("model")) or self.model
+        message = event.get("message")
+        if isinstance(message, dict):
+            self.kind = "chat"
+            self.texts.append(_str(message.get("content")))
+            self.calls.extend(_tool_call(call) for call in _list(message.get("tool_calls")))
+        else:
+            self.texts.append(_str(event.get("response")))
+        if event.get("done") is True:
+            self.complete, self.finish = True, _opt_str(event.get("done_reason"))
+            self.usage = {"prompt_tokens": event.get("prompt_eval_count"), "completion_tokens": event.get("eval_count")}
+
+    def answer(self) -> tuple[str, ToolCalls]:
+        return "".join(self.texts), tuple(self.calls)
+
+
+class _UnknownStream(_Stream):
+    """A stream of a format not known here: the text of its events, and never a stream error (no rule says when
+    such a stream is complete). Unreadable events are a parse error only when others were read (JSON objects or
+    ``[DONE]``): a stream none of whose events is JSON is a text stream."""
+
+    kind = "text"
+
+    def __init__(self, shape: str) -> None:
+        super().__init__()
+        self.shape = shape
+        self.texts: list[str] = []
+        self.read = False
+
+    def feed(self, name: str, event: dict[str, Any]) -> None:
+        self.read = True
+        self.model = _opt_str(event.get("model")) or self.model
+        text = _loose_text(event)
+        if text is not None:
+            self.texts.append(text)
+
+    def answer(self) -> tuple[str, ToolCalls]:
+        return "".join(self.texts), ()
+
+    def output(self, *, truncated: bool, parse_error: str | None, streamed: bool = True) -> Output:
+        text = "".join(self.texts) if self.texts else None
+        document = _json_content(text) if text else None
+        error = parse_error if self.read else None
+        return Output(
+            "text",
+            text=text,
+            document=document,
+            model=self.model,
+            streamed=True,
+            shape=self.shape,
+            truncated=truncated,
+            parse_error=error,
+        )
+
+
+_TEXT_FIELDS = ("delta", "text", "content", "token", "response", "message")
+
+
+def _loose_text(event: dict[str, Any]) -> str | None:
+    """The text an event of an unknown stream carries, under a name streaming APIs commonly give it (a string,
+    or an object's ``text``/``content``: llama.cpp's ``content``, a ``token.text``, a ``delta``...)."""
+    for key in _TEXT_FIELDS:
+        value = event.get(key)
+        if isinstance(value, dict):
+            value = value.get("text", value.get("content"))
+        if isinstance(value, str):
+            return value
+    return None
+
+
+_HINTS: dict[str, type[_Stream]] = {
+    CHAT: _ChatStream,
+    COMPLETION: _ChatStream,
+    RESPONSES: _ResponsesStream,
+    ANTHROPIC: _AnthropicStream,
+    TGI: _TgiStream,
+    OLLAMA: _OllamaStream,
+}
 
 
 def _common(doc: dict[str, Any]) -> dict[str, Any]:
