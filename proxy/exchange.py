@@ -157,6 +157,7 @@ class Exchange:
     shadows: list[ArmCapture] = field(default_factory=list)
     noise: ArmCapture | None = None
     shadow_skipped: dict[str, str] = field(default_factory=dict)  # candidate name -> why it got no mirror
+    client_request_id: str | None = None  # the client's own x-request-id, when it sent one
     client_disconnected: bool = False
     response_status: int | None = None
     pending: int = 0
@@ -187,6 +188,7 @@ class Exchange:
         meta = {
             "v": SCHEMA_VERSION,
             "request_id": self.request_id,
+            "client_request_id": self.client_request_id,
             "time": self.received_wall,
             "method": self.method,
             "path": self.path,
@@ -209,6 +211,8 @@ class Exchange:
         fields = {
             "v": str(SCHEMA_VERSION).encode(),
             "request_id": self.request_id.encode(),
+            # The id the client knows (feedback names it): its own, else ours.
+            "client_request_id": (self.client_request_id or self.request_id).encode(),
             "served_by": (self.live.upstream if self.live else "").encode(),
             "body.request": redact.body(self.body[:cap], len(self.body) > cap),
         }

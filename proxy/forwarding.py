@@ -8,8 +8,8 @@ when the last arm has ended.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,8 +77,12 @@ class Forwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The single route of the main listener: every method, every path."""
-        request_id = request.headers.get(self.request_id_header) or uuid.uuid4().hex
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        # The record's key and the sampling hash are ours, never the client's: a client cannot merge two
+        # requests into one record or pick ids that are never mirrored. Its own id is kept and echoed.
+        record_id = new_request_id()
+        client_id = request.headers.get(self.request_id_header)
+        request_id = client_id or record_id
+        structlog.contextvars.bind_contextvars(request_id=request_id, record_id=record_id)
         body = await read_body(request, self.max_body_bytes)
         if body is None:
             self.metrics.rejected.labels("body_too_large").inc()
@@ -90,9 +94,10 @@ class Forwarder:
                 request_id,
                 self.request_id_header,
             )
-        serving = self.canary.serving(request, request_id) if self.canary is not None else "incumbent"
+        serving = self.canary.serving(request, record_id) if self.canary is not None else "incumbent"
         arm = self.candidate_live if serving == "candidate" and self.candidate_live is not None else self.incumbent
-        exchange = self._exchange(request, request_id, body, arm.upstream)
+        exchange = self._exchange(request, record_id, body, arm.upstream)
+        exchange.client_request_id = client_id
         raw_target = request.raw_path
         headers = request_headers(
             request.headers.items(),
@@ -114,7 +119,7 @@ class Forwarder:
 
     async def handle_expect(self, request: web.Request) -> web.StreamResponse | None:
         """Answer ``Expect: 100-continue``, refusing an announced oversize body before it is sent."""
-        request_id = request.headers.get(self.request_id_header) or uuid.uuid4().hex
+        request_id = request.headers.get(self.request_id_header) or new_request_id()
         if request.headers.get("Expect", "").lower() != "100-continue":
             self.metrics.rejected.labels("bad_expect").inc()
             return error_response(
@@ -202,7 +207,7 @@ class Forwarder:
             for name, value in end_to_end(upstream_response.headers.items()):
                 response.headers.add(name, value)
             response.headers["Via"] = append_via(upstream_response.headers.items(), self.via)
-            response.headers[self.request_id_header] = exchange.request_id
+            response.headers[self.request_id_header] = exchange.client_request_id or exchange.request_id
             if self.canary is not None and self.canary.served_by_header:
                 response.headers[self.canary.served_by_header] = upstream.name
             try:
@@ -271,7 +276,7 @@ class Forwarder:
             failure.status,
             failure.error,
             f"{upstream} upstream failed: {failure.detail}",
-            exchange.request_id,
+            exchange.client_request_id or exchange.request_id,
             self.request_id_header,
         )
 
@@ -311,6 +316,11 @@ async def read_body(request: web.Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def new_request_id() -> str:
+    """A unique id that sorts by time: 48 bits of Unix milliseconds then 80 random bits (UUIDv7's layout), hex."""
+    return f"{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
 
 
 def error_response(status: int, error: str, message: str, request_id: str, request_id_header: str) -> web.Response:

@@ -114,7 +114,7 @@ class RecordStore:
             pipe.xadd(self.keys.records, fields, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
             if self._served_ttl:
                 # Which arm served this request, so user feedback can be joined to it later.
-                served = self.keys.served(fields["request_id"].decode())
+                served = self.keys.served(fields.get("client_request_id", fields["request_id"]).decode())
                 # Feedback compares the two arms of the canary: the incumbent and the candidate it promotes.
                 arm = b"incumbent" if fields["served_by"] == b"incumbent" else b"candidate"
                 pipe.set(served, arm, ex=self._served_ttl)

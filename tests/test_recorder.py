@@ -39,7 +39,9 @@ async def test_one_record_per_request_with_both_arms(upstreams, proxies, redis_u
                 await resp.read()
     await eventually(lambda: proxy.runtime.metrics.value("shadow_proxy_records_written_total") == 3)
     found = records(redis_client)
-    assert [r["request_id"] for r in found] == [b"r0", b"r1", b"r2"]
+    assert [r["client_request_id"] for r in found] == [b"r0", b"r1", b"r2"]
+    assert [r["meta"]["client_request_id"] for r in found] == ["r0", "r1", "r2"]
+    assert len({r["request_id"] for r in found}) == 3 and all(len(r["request_id"]) == 32 for r in found)
     record = found[0]
     meta = record["meta"]
     assert record["v"] == b"2" and meta["v"] == 2

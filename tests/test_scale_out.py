@@ -118,7 +118,7 @@ async def test_records_and_totals_stay_exact_through_restarts(upstreams, redis_u
             return group["pending"] == 0 and group["last-delivered-id"] == last
 
         await eventually(drained, within=60)
-        recorded = [f[b"request_id"].decode() for _, f in client_sync.xrange("{shadow}:records")]
+        recorded = [f[b"client_request_id"].decode() for _, f in client_sync.xrange("{shadow}:records")]
         client_sync.close()
     finally:
         for process in [*proxies, *workers]:

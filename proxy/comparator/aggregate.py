@@ -134,7 +134,11 @@ def contribution(
     segment = Segment(record.route, record.model, record.streaming, name)
     counters: dict[str, float] = {"records": 1}
     pair = example = score = None
-    if incumbent is not None and candidate is not None:
+    excluded = _not_an_arms_fault(incumbent, candidate)
+    if excluded is not None:
+        # The client left, or we cancelled: neither arm failed, so the pair says nothing about either.
+        counters[f"excluded:{excluded}"] = 1
+    elif incumbent is not None and candidate is not None:
         metrics = compare(incumbent, candidate, settings.tolerance)
         _pair_counters(counters, metrics, incumbent, candidate, record, settings)
         pair = _pair_sample(metrics, incumbent, candidate, counters)
@@ -157,6 +161,17 @@ def contribution(
     return Contribution(
         record.request_id, f"{record.request_id}|{name}", window, segment, counters, pair, score, example
     )
+
+
+# Outcomes that are no arm's doing: a client that went away, a proxy that cancelled at shutdown.
+NOT_AN_ARMS_FAULT = frozenset({"client_disconnected", "cancelled_at_shutdown"})
+
+
+def _not_an_arms_fault(*arms: Arm | None) -> str | None:
+    for arm in arms:
+        if arm is not None and arm.error in NOT_AN_ARMS_FAULT:
+            return arm.error
+    return None
 
 
 def _add_sketch(counters: dict[str, float], name: str, arm: str, value: float | None) -> None:

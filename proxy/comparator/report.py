@@ -52,7 +52,12 @@ def _answers(counters: dict[str, float]) -> dict[str, Any]:
             "parse_errors": _by_prefix(counters, f"parse_err:{key}:"),
             "price_sources": _by_prefix(counters, f"price_src:{key}:"),
         }
-    return {**arms, "truncated": int(counters.get("truncated", 0)), "skipped": _by_prefix(counters, "skipped:")}
+    return {
+        **arms,
+        "truncated": int(counters.get("truncated", 0)),
+        "skipped": _by_prefix(counters, "skipped:"),
+        "excluded": _by_prefix(counters, "excluded:"),
+    }
 
 
 def summary(counters: dict[str, float]) -> dict[str, Any]:
