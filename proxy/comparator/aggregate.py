@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -67,10 +67,18 @@ class Settings:
     window_seconds: int
     tolerance: Tolerance
     prices: Mapping[str, PriceBook]
+    censor_ms: Mapping[str, float] = field(default_factory=dict)  # per arm: its timeout, where failures count
 
     def book(self, arm: str) -> PriceBook:
         """The arm's prices; an arm the config does not name is priced from the maintained list."""
         return self.prices.get(arm) or _LIST_PRICES
+
+    def censor(self, arm: str) -> float:
+        """Where an answer that never came is counted in the arm's latency (its timeout: a lower bound)."""
+        return self.censor_ms.get(arm, DEFAULT_CENSOR_MS)
+
+
+DEFAULT_CENSOR_MS = 60_000.0
 
 
 _LIST_PRICES = PriceBook(None)
@@ -198,8 +206,10 @@ def _pair_counters(c: dict[str, float], m: PairMetrics, inc: Arm, cand: Arm, rec
             c["truncated"] = 1
         else:
             _divergence_counters(c, m)
+        amounts = []
         for arm_name, arm, book in (("inc", inc, s.book("incumbent")), ("cand", cand, s.book(cand.upstream))):
             charge = arm_cost(arm, record, book)
+            amounts.append(charge.amount)
             c[f"tok_out:{arm_name}"] = charge.output_tokens
             c[f"tok_n:{arm_name}"] = 1
             c[f"price_src:{arm_name}:{charge.source}"] = 1
@@ -208,11 +218,24 @@ def _pair_counters(c: dict[str, float], m: PairMetrics, inc: Arm, cand: Arm, rec
                 c[f"cost_n:{arm_name}"] = 1
             if charge.estimated:
                 c[f"tok_est:{arm_name}"] = 1
-    for arm_name, arm in (("inc", inc), ("cand", cand)):
+        _cost_pair_counters(c, amounts[0], amounts[1])
+    for arm_name, arm, censor in (("inc", inc, s.censor("incumbent")), ("cand", cand, s.censor(cand.upstream))):
         if arm.outcome is None:
             _add_sketch(c, "lat", arm_name, arm.duration_ms)
             _add_sketch(c, "ttfb", arm_name, arm.ttfb_ms)
             _add_sketch(c, "ttft", arm_name, arm.ttft_ms)
+        else:
+            # No answer: its latency is at least the arm's timeout (right-censored there), so a tail of
+            # timeouts or errors moves the arm's high quantiles instead of vanishing from them.
+            # Kept in a sketch of their own ("latc"): the gates merge it in, distributions of answers do not.
+            _add_sketch(c, "latc", arm_name, max(arm.duration_ms or 0.0, censor))
+
+
+def _cost_pair_counters(c: dict[str, float], x: float | None, y: float | None) -> None:
+    """Sums for the cost ratio's interval over pairs priced on both arms (x incumbent, y candidate)."""
+    if x is None or y is None:
+        return
+    c.update(costp_n=1, costp_x=x, costp_y=y, costp_xx=x * x, costp_yy=y * y, costp_xy=x * y)
 
 
 def _divergence_counters(c: dict[str, float], m: PairMetrics) -> None:
@@ -270,6 +293,7 @@ def _example(record: Record, m: PairMetrics, inc: Arm, cand: Arm) -> bytes:
     return orjson.dumps(
         {
             "request_id": record.request_id,
+            "client_request_id": record.client_request_id,
             "time": record.time,
             "route": record.route,
             "model": record.model,

@@ -110,6 +110,7 @@ class Record:
     prompt_text: str
     arms: dict[str, Arm] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # mirror target -> why it got no mirror
+    client_request_id: str | None = None  # the client's own x-request-id, when it sent one
 
 
 def parse_record(fields: dict[bytes, bytes]) -> Record:
@@ -142,6 +143,7 @@ def _record(fields: dict[bytes, bytes]) -> Record:
         prompt_text=_prompt(request),
         arms=arms,
         skipped=_skipped(meta.get("shadow_skipped")),
+        client_request_id=meta["client_request_id"] if isinstance(meta.get("client_request_id"), str) else None,
     )
 
 

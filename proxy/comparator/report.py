@@ -77,6 +77,9 @@ def summary(counters: dict[str, float]) -> dict[str, Any]:
             metric: {"incumbent": quantiles(counters, key, "inc"), "candidate": quantiles(counters, key, "cand")}
             for metric, key in (("total", "lat"), ("ttfb", "ttfb"), ("ttft", "ttft"))
         },
+        "latency_censored": {
+            arm: int(sum(v for k, v in counters.items() if k.startswith(f"sk:latc:{key}:"))) for arm, key in ARMS
+        },
         "errors": {
             "incumbent": {"rate": _rate(sum(errors["inc"].values()), n), "by_class": errors["inc"]},
             "candidate": {"rate": _rate(sum(errors["cand"].values()), n), "by_class": errors["cand"]},

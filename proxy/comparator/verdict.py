@@ -1,11 +1,12 @@
 """Verdicts from aggregates: a test suited to each gate, thresholds in real units, explained outcomes.
 
-- Latency p50/p99: bootstrap interval (scipy) of the quantile difference over paired samples.
+- Latency p50/p99: order-statistic intervals of each arm's quantile over every pair, from the merged
+  sketches, failures counted at the arm's timeout (censored), combined with Bonferroni.
 - Error rate: exact Clopper-Pearson intervals for each arm, combined conservatively (Bonferroni), and
   McNemar's exact test on discordant pairs. A candidate with errors against an incumbent with none fails
   once n suffices; it never passes on a zero baseline because the candidate's upper bound must clear it.
 - Divergence: exact interval of the candidate's divergence rate minus the incumbent's own A/A rate.
-- Cost: bootstrap interval of the ratio of mean cost per request.
+- Cost: delta-method interval of the ratio of mean cost per request over every pair priced on both arms.
 Outcomes: pass (the whole interval is on the good side of the threshold), fail (the whole interval is
 on the bad side), inconclusive (it straddles, or n is below the gate's minimum) with an estimate of
 how many more pairs would decide it. Segment verdicts are corrected with Benjamini-Hochberg.
@@ -23,6 +24,7 @@ from scipy import stats
 
 from ..config import GatesConfig
 from .aggregate import PAIR_FIELDS, quantiles
+from .intervals import cost_ratio_bounds, quantile_bounds
 
 PASS, FAIL, INCONCLUSIVE, SKIPPED = "pass", "fail", "inconclusive", "skipped"
 _COL = {name: i for i, name in enumerate(PAIR_FIELDS)}
@@ -64,7 +66,7 @@ def _need_more(n: int, interval: tuple[float, float], estimate: float, threshold
     """Pairs still needed for the interval to clear the threshold, assuming it narrows as 1/sqrt(n)."""
     half = (interval[1] - interval[0]) / 2.0
     margin = abs(estimate - threshold)
-    if margin <= 1e-12 or half <= 0:
+    if margin <= 1e-12 or half <= 0 or not math.isfinite(half):
         return None
     needed = n * (half / margin) ** 2
     return max(1, math.ceil(needed - n))
@@ -129,14 +131,17 @@ def _bootstrap(
 
 
 def latency_gate(counters: dict[str, float], pairs: Sequence[Sequence[float]], cfg: GatesConfig, q: int) -> Gate:
-    """Paired bootstrap of the difference of the q-th percentile of total latency (candidate - incumbent)."""
+    """Order-statistic intervals of each arm's q-th percentile of total latency over every pair (failures
+    counted at the arm's timeout), combined with Bonferroni into an interval of the difference."""
     pct = cfg.latency_p50_increase_pct if q == 50 else cfg.latency_p99_increase_pct
-    incumbent, candidate = _paired(pairs, "lat_inc", "lat_cand")
-    n = len(incumbent)
+    joint = 1.0 - (1.0 - cfg.confidence) / 2.0  # both arms' intervals hold together at `confidence`
+    inc = quantile_bounds(counters, "lat", "inc", q / 100.0, joint)
+    cand = quantile_bounds(counters, "lat", "cand", q / 100.0, joint)
+    n = min(inc.n, cand.n)
     gate = Gate(
         f"latency_p{q}",
         INCONCLUSIVE,
-        f"p{q}(candidate) - p{q}(incumbent), paired bootstrap",
+        f"p{q}(candidate) - p{q}(incumbent), order-statistic intervals over all pairs, failures censored",
         None,
         None,
         n,
@@ -144,26 +149,38 @@ def latency_gate(counters: dict[str, float], pairs: Sequence[Sequence[float]], c
         "ms",
         "",
     )
-    if n < 2:
+    if inc.estimate is None or cand.estimate is None:
         return _decide(gate, (-math.inf, math.inf), cfg.latency_min_effect_ms, max(cfg.min_pairs, 2))
-    base = float(np.percentile(incumbent, q))
-    threshold = max(cfg.latency_min_effect_ms, base * pct / 100.0)
-
-    def diff(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.asarray(np.percentile(y, q, axis=axis) - np.percentile(x, q, axis=axis))
-
-    gate.estimate = round(float(diff(incumbent, candidate)), 3)
-    interval, distribution = _bootstrap(incumbent, candidate, diff, cfg.confidence)
-    gate.p_value = float(np.mean(distribution <= threshold))
-    deltas = candidate - incumbent
+    threshold = max(cfg.latency_min_effect_ms, inc.estimate * pct / 100.0)
+    gate.estimate = round(cand.estimate - inc.estimate, 3)
+    interval = (cand.low - inc.high, cand.high - inc.low)
+    half = (interval[1] - interval[0]) / 2.0
+    if math.isfinite(half) and half > 0:
+        se = half / float(stats.norm.ppf(joint))
+        gate.p_value = float(stats.norm.sf((gate.estimate - threshold) / se))
     gate.details = {
-        f"incumbent_p{q}_ms": round(base, 3),
-        f"candidate_p{q}_ms": round(float(np.percentile(candidate, q)), 3),
+        f"incumbent_p{q}_ms": round(inc.estimate, 3),
+        f"candidate_p{q}_ms": round(cand.estimate, 3),
+        "incumbent_censored": inc.censored,
+        "candidate_censored": cand.censored,
+        "censored_answers": {"incumbent": _censored(counters, "inc"), "candidate": _censored(counters, "cand")},
         "threshold_rule": f"max({cfg.latency_min_effect_ms} ms, {pct}% of incumbent p{q})",
-        "median_paired_delta_ms": round(float(np.median(deltas)), 3),
-        "wilcoxon_p": float(stats.wilcoxon(deltas).pvalue) if np.any(deltas != 0) else 1.0,
     }
-    return _decide(gate, interval, round(threshold, 3), cfg.min_pairs)
+    incumbent, candidate = _paired(pairs, "lat_inc", "lat_cand")
+    if len(incumbent) > 1:  # descriptive only: the decision uses every pair through the sketches
+        deltas = candidate - incumbent
+        gate.details["median_paired_delta_ms"] = round(float(np.median(deltas)), 3)
+        gate.details["wilcoxon_p"] = float(stats.wilcoxon(deltas).pvalue) if np.any(deltas != 0) else 1.0
+    _decide(gate, interval, round(threshold, 3), cfg.min_pairs)
+    if gate.outcome == INCONCLUSIVE and not math.isfinite(cand.high) and not cand.censored:
+        # Too few pairs to bound a high quantile at all: all n below x_q has probability q^n.
+        tail = (1.0 - joint) / 2.0
+        gate.need_more_pairs = max(1, math.ceil(math.log(tail) / math.log(q / 100.0)) - n)
+    return gate
+
+
+def _censored(counters: dict[str, float], arm: str) -> int:
+    return int(sum(v for k, v in counters.items() if k.startswith(f"sk:latc:{arm}:")))
 
 
 def _errors(counters: dict[str, float], arm: str) -> int:
@@ -235,36 +252,34 @@ def divergence_gate(counters: dict[str, float], cfg: GatesConfig) -> Gate:
     return _decide(gate, (low - aa_high, high - aa_low), threshold, cfg.min_pairs)
 
 
-def cost_gate(counters: dict[str, float], pairs: Sequence[Sequence[float]], cfg: GatesConfig) -> Gate:
-    """Ratio of mean cost per request (candidate / incumbent), paired bootstrap."""
-    incumbent, candidate = _paired(pairs, "cost_inc", "cost_cand")
+def cost_gate(counters: dict[str, float], cfg: GatesConfig) -> Gate:
+    """Ratio of mean cost per request (candidate / incumbent) over every pair priced on both arms."""
+    ratio = cost_ratio_bounds(counters, cfg.confidence)
     gate = Gate(
         "cost",
         SKIPPED,
-        "mean cost(candidate) / mean cost(incumbent), paired bootstrap",
+        "mean cost(candidate) / mean cost(incumbent), delta-method interval over all priced pairs",
+        None if ratio.estimate is None else round(ratio.estimate, 4),
         None,
-        None,
-        len(incumbent),
+        ratio.n,
         cfg.cost_ratio_max,
         "ratio",
         "",
     )
-    if not len(incumbent) or float(incumbent.sum()) == 0.0:
+    if not ratio.n or counters.get("costp_x", 0.0) == 0.0:
         gate.rule = (
             "no priced pairs: neither a price table nor the maintained price list knows both arms' models; "
             "set [incumbent.price] and the candidate's price to gate on cost"
         )
         return gate
-    if len(incumbent) < 2:  # a bootstrap needs two pairs
+    if ratio.estimate is None:  # one pair: no interval yet
         return _decide(gate, (-math.inf, math.inf), cfg.cost_ratio_max, max(cfg.min_pairs, 2))
-
-    def ratio(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.asarray(np.mean(y, axis=axis) / np.maximum(np.mean(x, axis=axis), 1e-12))
-
-    gate.estimate = round(float(ratio(incumbent, candidate)), 4)
-    interval, distribution = _bootstrap(incumbent, candidate, ratio, cfg.confidence)
-    gate.p_value = float(np.mean(distribution <= cfg.cost_ratio_max))
-    return _decide(gate, interval, cfg.cost_ratio_max, cfg.min_pairs)
+    half = (ratio.high - ratio.low) / 2.0
+    if half > 0:
+        gate.p_value = float(
+            stats.norm.sf((ratio.estimate - cfg.cost_ratio_max) / (half / stats.norm.ppf(0.5 + cfg.confidence / 2)))
+        )
+    return _decide(gate, (ratio.low, ratio.high), cfg.cost_ratio_max, cfg.min_pairs)
 
 
 def evaluate(counters: dict[str, float], pairs: Sequence[Sequence[float]], cfg: GatesConfig) -> list[Gate]:
@@ -274,7 +289,7 @@ def evaluate(counters: dict[str, float], pairs: Sequence[Sequence[float]], cfg: 
         latency_gate(counters, pairs, cfg, 99),
         error_gate(counters, cfg),
         divergence_gate(counters, cfg),
-        cost_gate(counters, pairs, cfg),
+        cost_gate(counters, cfg),
     ]
 
 

@@ -48,6 +48,7 @@ def settings_from(config: Config) -> Settings:
         window_seconds=compare.window_seconds,
         tolerance=Tolerance(frozenset(compare.ignore_paths), compare.abs_tolerance, compare.rel_tolerance),
         prices={name: price_book(arm) for name, arm in arms},
+        censor_ms={name: (arm.total_timeout or arm.read_timeout) * 1000.0 for name, arm in arms},
     )
 
 
