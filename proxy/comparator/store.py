@@ -39,10 +39,18 @@ for i, record in ipairs(payload['records']) do
   if redis.call('SET', KEYS[6 + i], '1', 'NX', 'EX', seen_ttl) then
     applied = applied + 1
     if record[3] ~= '' then
-      -- Reservoir sampling (algorithm R): every pair of the window has the same chance to be kept.
+      -- Reservoir sampling (algorithm R): every pair of the window has the same chance to be kept. While
+      -- filling, each new pair swaps places with a random one (inside-out Fisher-Yates), so the list is
+      -- in random order and any prefix of it is a uniform sample too (not the earliest arrivals).
       local seen = redis.call('HINCRBY', agg, 'reservoir_seen', 1)
       if seen <= rmax then
-        redis.call('RPUSH', reservoir, record[3])
+        local slot = math.floor(record[4] * seen)
+        if slot < seen - 1 then
+          redis.call('RPUSH', reservoir, redis.call('LINDEX', reservoir, slot))
+          redis.call('LSET', reservoir, slot, record[3])
+        else
+          redis.call('RPUSH', reservoir, record[3])
+        end
       else
         local slot = math.floor(record[4] * seen)
         if slot < rmax then redis.call('LSET', reservoir, slot, record[3]) end
@@ -203,7 +211,7 @@ class ComparatorStore:
         await self._redis.zremrangebyscore(self.keys.windows, "-inf", cutoff)
 
 
-PAIRS_BUDGET = 50_000  # paired samples one report loads at most (the bootstraps use 2,000)
+PAIRS_BUDGET = 50_000  # paired samples one report loads at most (descriptive figures only: gates use counters)
 EXAMPLE_WINDOWS = 500  # (window, segment)s whose examples one report reads
 
 
@@ -235,33 +243,39 @@ class AggregateReader:
     async def load(self, since: float, until: float, examples: int) -> list[WindowData]:
         """Every (window, segment) whose window starts in [since, until].
 
-        Bounded whatever the range: at most PAIRS_BUDGET paired samples in all (an equal share per
-        window) and examples from the EXAMPLE_WINDOWS most recent windows; counters are always complete.
+        Bounded whatever the range: about PAIRS_BUDGET paired samples in all (each window's share in
+        proportion to its pairs; a reservoir is in random order, so its prefix is a uniform sample) and
+        examples from the EXAMPLE_WINDOWS most recent windows; counters are always complete.
         """
         members: list[bytes] = await self._redis.zrangebyscore(self.keys.windows, since, until)  # type: ignore[assignment]
-        per_window = max(10, PAIRS_BUDGET // max(len(members), 1))
-        pipe = self._redis.pipeline(transaction=False)
         parsed = []
-        for index, member in enumerate(members):
+        pipe = self._redis.pipeline(transaction=False)
+        for member in members:
             window_text, _, segment = member.decode().partition(":")
-            window = int(window_text)
-            parsed.append((window, segment))
-            recent = index >= len(members) - EXAMPLE_WINDOWS
-            pipe.hgetall(self.keys.aggregate(window, segment))
-            pipe.lrange(self.keys.pairs(window, segment), 0, per_window - 1)
-            wanted = examples if recent else 0
-            # ZREVRANGE 0 -1 would mean "all": ask for the empty range 1..0 when none are wanted.
-            pipe.zrevrange(self.keys.examples(window, segment), 0 if wanted else 1, wanted - 1 if wanted else 0)
-        replies = await pipe.execute()
+            parsed.append((int(window_text), segment))
+            pipe.hgetall(self.keys.aggregate(int(window_text), segment))
         found = []
+        for (window, segment), counters_raw in zip(parsed, await pipe.execute(), strict=True):
+            if counters_raw:  # else expired between the index and the read
+                counters = {k.decode(): float(v) for k, v in counters_raw.items()}
+                found.append(WindowData(window, segment, counters, [], []))
+        # Samples in proportion to each window's traffic, so pooled samples weigh pairs, not windows.
+        traffic = sum(data.counters.get("n", 0.0) for data in found) or 1.0
+        pipe = self._redis.pipeline(transaction=False)
+        for index, data in enumerate(found):
+            share = max(1, round(PAIRS_BUDGET * data.counters.get("n", 0.0) / traffic))
+            pipe.lrange(self.keys.pairs(data.window, data.segment), 0, share - 1)
+            wanted = examples if index >= len(found) - EXAMPLE_WINDOWS else 0
+            # ZREVRANGE 0 -1 would mean "all": ask for the empty range 1..0 when none are wanted.
+            pipe.zrevrange(
+                self.keys.examples(data.window, data.segment), 0 if wanted else 1, wanted - 1 if wanted else 0
+            )
+        replies = await pipe.execute() if found else []
         example_pipe = self._redis.pipeline(transaction=False)
-        for index, (window, segment) in enumerate(parsed):
-            counters_raw, pairs_raw, example_ids = replies[index * 3 : index * 3 + 3]
-            if not counters_raw:
-                continue  # expired between the index and the read
-            counters = {k.decode(): float(v) for k, v in counters_raw.items()}
-            found.append(WindowData(window, segment, counters, [orjson.loads(p) for p in pairs_raw], []))
-            example_pipe.hmget(self.keys.example_data(window, segment), example_ids or ["-"])
+        for index, data in enumerate(found):
+            pairs_raw, example_ids = replies[index * 2 : index * 2 + 2]
+            data.pairs.extend(orjson.loads(p) for p in pairs_raw)
+            example_pipe.hmget(self.keys.example_data(data.window, data.segment), example_ids or ["-"])
         example_replies = await example_pipe.execute() if found else []
         for data, payloads in zip(found, example_replies, strict=True):
             data.examples.extend(orjson.loads(p) for p in payloads if p)
