@@ -117,7 +117,9 @@ async def test_slower_candidate_fails_latency(upstreams, proxies, redis_url) -> 
     report = await run_scenario(upstreams, proxies, redis_url, fixed(40), fixed(52), n=150)
     p50 = gates(report)["latency_p50"]
     assert p50["outcome"] == "fail", p50
-    assert 8 < p50["estimate"] < 16, (p50["details"], p50["interval"], report["summary"]["latency_ms"]["total"])
+    # The planted delay is 12 ms; a busy machine stretches every measured latency (the servers, the proxy
+    # and this client share one event loop), so only a lower bound on the measured shift is machine-proof.
+    assert p50["estimate"] > 8, (p50["details"], p50["interval"])
     assert p50["interval"][0] > p50["threshold"]
     assert report["verdict"]["outcome"] == "fail"
 
