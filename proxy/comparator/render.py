@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 _STYLE = {"pass": "green", "fail": "bold red", "inconclusive": "yellow", "skipped": "dim"}
@@ -59,23 +60,53 @@ def render(report: dict[str, Any], console: Console) -> None:
         "-" if d["mean_similarity"] is None else f"{d['mean_similarity']:.3f}",
     )
     console.print(facts)
+    if console.width < WIDE:
+        _gates_as_lines(report, console)
+    else:
+        _gates_as_table(report, console)
+    _segments_drift_examples(report, console)
+
+
+WIDE = 120  # below this a table squeezes the rule to nothing: one gate per line, its rule beneath
+
+
+def _figures(g: dict[str, Any]) -> tuple[str, str, str]:
+    interval = "-" if not g["interval"] else f"[{g['interval'][0]:.4g}, {g['interval'][1]:.4g}]"
+    estimate = "-" if g["estimate"] is None else f"{g['estimate']:.4g} {g['unit']}"
+    threshold = "-" if g["threshold"] is None else f"{g['threshold']:.4g}"
+    return estimate, interval, threshold
+
+
+def _rule(g: dict[str, Any]) -> str:
+    # Rules name config tables ("[incumbent.price]"): escaped, or rich would read them as markup.
+    return escape(str(g["rule"]) + (f"; need about {g['need_more_pairs']} more pairs" if g["need_more_pairs"] else ""))
+
+
+def _gates_as_lines(report: dict[str, Any], console: Console) -> None:
+    console.print("[bold]Verdicts[/bold]")
+    for g in report["verdict"]["gates"]:
+        estimate, interval, threshold = _figures(g)
+        console.print(
+            f"  {g['name']:<13} [{_STYLE[g['outcome']]}]{g['outcome'].upper():<12}[/] {estimate} {interval}"
+            f" vs {threshold}, n={g['n']}",
+            overflow="fold",
+        )
+        console.print(f"      {_rule(g)}", overflow="fold", style="dim")
+
+
+def _gates_as_table(report: dict[str, Any], console: Console) -> None:
     gates = Table(title="Verdicts")
     for column in ("gate", "outcome", "estimate", "interval", "threshold", "n"):
         gates.add_column(column, no_wrap=True)
     gates.add_column("rule", ratio=1)
     for g in report["verdict"]["gates"]:
-        interval = "-" if not g["interval"] else f"[{g['interval'][0]:.4g}, {g['interval'][1]:.4g}]"
-        rule = g["rule"] + (f"; need about {g['need_more_pairs']} more pairs" if g["need_more_pairs"] else "")
-        gates.add_row(
-            g["name"],
-            f"[{_STYLE[g['outcome']]}]{g['outcome']}[/]",
-            "-" if g["estimate"] is None else f"{g['estimate']:.4g} {g['unit']}",
-            interval,
-            "-" if g["threshold"] is None else f"{g['threshold']:.4g}",
-            str(g["n"]),
-            rule,
-        )
+        estimate, interval, threshold = _figures(g)
+        outcome = f"[{_STYLE[g['outcome']]}]{g['outcome']}[/]"
+        gates.add_row(g["name"], outcome, estimate, interval, threshold, str(g["n"]), _rule(g))
     console.print(gates)
+
+
+def _segments_drift_examples(report: dict[str, Any], console: Console) -> None:
     for segment in report["segments"]:
         seg = segment["segment"]
         console.print(
