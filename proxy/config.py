@@ -283,9 +283,19 @@ class GatesConfig(_Section):
     latency_min_effect_ms: float = Field(default=1.0, ge=0.0)
     error_rate_increase_pp: float = Field(default=1.0, ge=0.0)
     divergence_excess_pp: float = Field(default=5.0, ge=0.0)
+    similarity_shift_max: float = Field(default=0.05, ge=0.0, le=1.0)
+    noise_quantiles: tuple[float, ...] = Field(default=(0.01, 0.05), min_length=1)
+    min_noise_pairs: int = Field(default=50, ge=1)
     cost_ratio_max: float = Field(default=1.10, gt=0.0)
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
     fdr: float = Field(default=0.05, gt=0.0, lt=1.0)
+
+    @field_validator("noise_quantiles")
+    @classmethod
+    def _quantiles(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not all(0.0 < q < 0.5 for q in value):
+            raise ValueError("each quantile of the A/A similarity must lie strictly between 0 and 0.5")
+        return value
 
 
 class CompareConfig(_Section):
@@ -301,7 +311,7 @@ class CompareConfig(_Section):
     examples_per_window: int = Field(default=10, ge=0)
     dead_letter_maxlen: int = Field(default=10_000, ge=1)
     health_ttl: int = Field(default=30, ge=1)
-    noise_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    noise_sample_rate: float = Field(default=0.05, ge=0.0, le=1.0)
     ignore_paths: tuple[str, ...] = ("id", "created", "system_fingerprint", "usage", "model")
     abs_tolerance: float = Field(default=1e-6, ge=0.0)
     rel_tolerance: float = Field(default=1e-3, ge=0.0)

@@ -103,6 +103,8 @@ def make_config(**sections: Any) -> Config:
         "proxy": {"listen": "127.0.0.1:0", "shutdown_timeout": 5.0},
         "admin": {"listen": "127.0.0.1:0"},
         "record": {"retry_interval": 0.05},
+        # A/A copies (on by default) add random requests to the incumbent: tests that want them say so.
+        "compare": {"noise_sample_rate": 0.0},
     }
     for name, values in sections.items():
         base[name] = values if isinstance(values, list) else {**base.get(name, {}), **values}

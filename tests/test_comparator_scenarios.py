@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import numpy as np
 import orjson
 from aiohttp import web
 
@@ -102,7 +103,10 @@ def gates(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 async def test_identical_arms_pass_every_gate(upstreams, proxies, redis_url) -> None:
     """Same answers, same latency, same cost: every gate passes."""
     # 500 pairs: with zero errors on both arms the exact bound on the difference drops below 1 pp.
-    report = await run_scenario(upstreams, proxies, redis_url, fixed(30), fixed(30), n=500)
+    # A/A copies on a fifth of the requests: the divergence gate needs 50 of them.
+    report = await run_scenario(
+        upstreams, proxies, redis_url, fixed(30), fixed(30), n=500, compare={"noise_sample_rate": 0.2}
+    )
     outcomes = {name: g["outcome"] for name, g in gates(report).items()}
     # No user feedback was sent, so the satisfaction gate has nothing to judge.
     assert outcomes == {**{name: "pass" for name in outcomes}, "satisfaction": "skipped"}, gates(report)
@@ -145,11 +149,13 @@ async def test_ten_percent_divergence_is_measured_with_an_interval(upstreams, pr
     async def sometimes_different(number: int) -> tuple[int, str]:
         return 200, "a quite different reply" if number % 10 == 0 else "the same answer"
 
-    report = await run_scenario(upstreams, proxies, redis_url, fixed(0), sometimes_different, n=400)
+    report = await run_scenario(
+        upstreams, proxies, redis_url, fixed(0), sometimes_different, n=600, compare={"noise_sample_rate": 0.25}
+    )
     divergence = gates(report)["divergence"]
-    assert report["summary"]["divergence"]["candidate_rate"] == 0.1
+    assert report["summary"]["divergence"]["candidate_rate"] == 0.1  # the exact-match figure
     assert divergence["interval"][0] < 0.1 < divergence["interval"][1]
-    assert divergence["outcome"] == "fail"
+    assert divergence["outcome"] == "fail", (divergence["rule"], divergence["interval"], divergence["details"])
     assert report["examples"][0]["candidate"]["output"] == "a quite different reply"
 
 
@@ -175,10 +181,52 @@ async def test_too_few_pairs_are_inconclusive_never_pass(upstreams, proxies, red
             assert gate["outcome"] == "skipped"  # no feedback at all
             continue
         assert gate["outcome"] == "inconclusive", gate
-        if name == "latency_p99":
+        if name == "divergence":
+            # It needs min_noise_pairs A/A copies first, at the default 5% noise rate about 1,000 pairs.
+            assert gate["need_more_pairs"] >= 80 and "A/A" in gate["rule"], gate["rule"]
+        elif name == "latency_p99":
             # A p99 has no upper bound until P(all n below it) = 0.99^n drops under the interval's tail
             # (1.25%): 437 pairs, more than the 100-pair gate minimum.
             assert gate["need_more_pairs"] == math.ceil(math.log(0.0125) / math.log(0.99)) - 20
         else:
             assert gate["need_more_pairs"] == 80
     assert report["verdict"]["outcome"] == "inconclusive"
+
+
+def sampled(model: Any, *, off_topic_every: int = 0) -> Behaviour:
+    """A sampling LLM: each call draws a fresh paraphrase; optionally every k-th request answers another question."""
+
+    async def behave(number: int) -> tuple[int, str]:
+        question = number % len(model.questions)
+        if off_topic_every and number % off_topic_every == 0:
+            question = (question + 1) % len(model.questions)
+        return 200, model.answer(question)
+
+    return behave
+
+
+async def test_sampled_text_with_noise_sampling_passes_divergence(upstreams, proxies, redis_url) -> None:
+    """Two samplings of one model differ on almost every prompt, yet divergence passes against the A/A noise."""
+    from .test_divergence_gate import SampledModel
+
+    model = SampledModel(np.random.default_rng(11))
+    # 2,000 pairs and some 600 A/A pairs: enough for the 5% tail's interval to clear the 5 pp margin.
+    report = await run_scenario(
+        upstreams, proxies, redis_url, sampled(model), sampled(model), n=2000, compare={"noise_sample_rate": 0.3}
+    )
+    divergence = gates(report)["divergence"]
+    assert report["summary"]["divergence"]["candidate_rate"] > 0.9  # hardly any answer is identical
+    assert divergence["outcome"] == "pass", divergence["rule"]
+
+
+async def test_answering_another_question_on_a_tenth_of_prompts_fails_divergence(upstreams, proxies, redis_url) -> None:
+    """The same sampling model, off topic on 10% of prompts: the share below the A/A's low tail gives it away."""
+    from .test_divergence_gate import SampledModel
+
+    model = SampledModel(np.random.default_rng(12))
+    candidate = sampled(model, off_topic_every=10)
+    report = await run_scenario(
+        upstreams, proxies, redis_url, sampled(model), candidate, n=1000, compare={"noise_sample_rate": 0.2}
+    )
+    divergence = gates(report)["divergence"]
+    assert divergence["outcome"] == "fail", divergence["rule"]

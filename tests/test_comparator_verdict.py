@@ -33,12 +33,17 @@ def test_candidate_errors_on_a_zero_baseline_never_pass() -> None:
 
 
 def test_divergence_is_measured_against_the_noise_floor() -> None:
-    """The same divergence passes against an equal A/A floor and fails against none."""
-    counters = {"div_n": 1000, "div": 300, "aa:div_n": 1000, "aa:div": 300}
-    with_floor = divergence_gate(counters, CFG)
-    assert with_floor.estimate == 0.0 and with_floor.outcome != "fail"
-    without = divergence_gate({"div_n": 1000, "div": 300}, CFG)
-    assert without.outcome == "fail" and "not measured" in without.details["noise_floor"]
+    """The same similarity distribution passes against an equal A/A one and fails against identical A/A."""
+    from proxy.comparator.similarity import IDENTICAL, bucket
+
+    sampled = {bucket(0.7): 300.0, bucket(0.9): 400.0, IDENTICAL: 300.0}  # paraphrases, like a sampling LLM
+    counters = {f"sim:cand:{b}": n for b, n in sampled.items()}
+    with_floor = divergence_gate(counters | {f"sim:aa:{b}": n for b, n in sampled.items()}, CFG)
+    assert with_floor.outcome == "pass", with_floor.rule
+    deterministic = divergence_gate(counters | {f"sim:aa:{IDENTICAL}": 1000.0}, CFG)
+    assert deterministic.outcome == "fail" and deterministic.details["p_a"] == 0.0
+    without = divergence_gate(counters, CFG)
+    assert without.outcome == "inconclusive" and "A/A" in without.rule
 
 
 def _sketched(inc: np.ndarray, cand: np.ndarray, *, cand_censored: np.ndarray | None = None) -> dict[str, float]:

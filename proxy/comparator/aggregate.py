@@ -21,6 +21,8 @@ from ddsketch.mapping import LogarithmicMapping
 from .metrics import PairMetrics, Tolerance, arm_cost, compare
 from .parse import Arm, Record
 from .pricing import PriceBook
+from .similarity import bucket
+from .similarity import score as score_pair
 
 RELATIVE_ACCURACY = 0.01
 MAPPING = LogarithmicMapping(RELATIVE_ACCURACY)
@@ -125,7 +127,9 @@ def contributions(record: Record, settings: Settings) -> list[Contribution]:
     """What one record contributes to each candidate it concerns: mirrored to it, or skipped for it."""
     incumbent, candidates, noise = _arms(record)
     names = sorted(candidates.keys() | {n for n in record.skipped if n != "incumbent"}) or [NO_CANDIDATE]
-    noise_metrics = compare(incumbent, noise, settings.tolerance) if incumbent is not None and noise else None
+    noise_metrics = None
+    if incumbent is not None and noise is not None:
+        noise_metrics = NoisePair(compare(incumbent, noise, settings.tolerance), incumbent, noise, settings.tolerance)
     return [contribution(record, settings, name, incumbent, candidates.get(name), noise_metrics) for name in names]
 
 
@@ -135,7 +139,7 @@ def contribution(
     name: str,
     incumbent: Arm | None,
     candidate: Arm | None,
-    noise: PairMetrics | None,
+    noise: NoisePair | None,
 ) -> Contribution:
     """Counters, reservoir sample and example that one record contributes for one candidate."""
     window = int(record.time // settings.window_seconds) * settings.window_seconds
@@ -148,11 +152,12 @@ def contribution(
         counters[f"excluded:{excluded}"] = 1
     elif incumbent is not None and candidate is not None:
         metrics = compare(incumbent, candidate, settings.tolerance)
-        _pair_counters(counters, metrics, incumbent, candidate, record, settings)
+        value = _pair_counters(counters, metrics, incumbent, candidate, record, settings)
         pair = _pair_sample(metrics, incumbent, candidate, counters)
         if metrics.diverged or metrics.outcome_base != metrics.outcome_other:
-            score = round(1.0 - metrics.similarity, 6) + (1.0 if metrics.outcome_base != metrics.outcome_other else 0)
-            example = _example(record, metrics, incumbent, candidate)
+            similar = value if value is not None else metrics.similarity
+            score = round(1.0 - similar, 6) + (1.0 if metrics.outcome_base != metrics.outcome_other else 0)
+            example = _example(record, metrics, incumbent, candidate, similar)
     else:
         counters["unpaired"] = 1
         # Missing the candidate's mirror, or (while it serves in a canary) the incumbent's reverse shadow.
@@ -188,7 +193,45 @@ def _add_sketch(counters: dict[str, float], name: str, arm: str, value: float | 
         counters[key] = counters.get(key, 0) + 1
 
 
-def _pair_counters(c: dict[str, float], m: PairMetrics, inc: Arm, cand: Arm, record: Record, s: Settings) -> None:
+@dataclass(frozen=True, slots=True)
+class NoisePair:
+    """The incumbent against its own A/A copy: exact-match metrics and, when both answered whole, a score."""
+
+    metrics: PairMetrics
+    score: float | None
+    truncated: bool
+
+    def __init__(self, metrics: PairMetrics, incumbent: Arm, noise: Arm, tol: Tolerance) -> None:
+        clean = metrics.outcome_base is None and metrics.outcome_other is None
+        truncated = incumbent.output.truncated or noise.output.truncated
+        object.__setattr__(self, "metrics", metrics)
+        object.__setattr__(self, "truncated", truncated)
+        object.__setattr__(
+            self, "score", score_pair(incumbent.output, noise.output, tol) if clean and not truncated else None
+        )
+
+
+# Similarity histograms (mergeable): sim:<arm>:<bucket> with arm "cand" (candidate vs incumbent) or
+# "aa" (incumbent vs its A/A copy); sim_none:<arm> counts pairs that could not be scored.
+def similarity_histogram(counters: Mapping[str, float], arm: str) -> dict[int, float]:
+    prefix = f"sim:{arm}:"
+    return {int(k[len(prefix) :]): v for k, v in counters.items() if k.startswith(prefix) and v}
+
+
+def _similarity_counters(c: dict[str, float], arm: str, value: float | None) -> None:
+    if value is None:
+        c[f"sim_none:{arm}"] = 1
+        return
+    c[f"sim:{arm}:{bucket(value)}"] = 1
+    c[f"sim_sum:{arm}"] = value
+    c[f"sim_n:{arm}"] = 1
+
+
+def _pair_counters(
+    c: dict[str, float], m: PairMetrics, inc: Arm, cand: Arm, record: Record, s: Settings
+) -> float | None:
+    """Every counter of one pair; the pair's similarity score when both answered whole."""
+    value = None
     c["n"] = 1
     c[f"out:inc:{m.outcome_base or 'ok'}"] = 1
     c[f"out:cand:{m.outcome_other or 'ok'}"] = 1
@@ -205,7 +248,8 @@ def _pair_counters(c: dict[str, float], m: PairMetrics, inc: Arm, cand: Arm, rec
             # Cut by the capture cap: timings and status hold, but the answers are not whole.
             c["truncated"] = 1
         else:
-            _divergence_counters(c, m)
+            value = score_pair(inc.output, cand.output, s.tolerance)
+            _divergence_counters(c, m, value)
         amounts = []
         for arm_name, arm, book in (("inc", inc, s.book("incumbent")), ("cand", cand, s.book(cand.upstream))):
             charge = arm_cost(arm, record, book)
@@ -229,6 +273,7 @@ def _pair_counters(c: dict[str, float], m: PairMetrics, inc: Arm, cand: Arm, rec
             # timeouts or errors moves the arm's high quantiles instead of vanishing from them.
             # Kept in a sketch of their own ("latc"): the gates merge it in, distributions of answers do not.
             _add_sketch(c, "latc", arm_name, max(arm.duration_ms or 0.0, censor))
+    return value
 
 
 def _cost_pair_counters(c: dict[str, float], x: float | None, y: float | None) -> None:
@@ -238,11 +283,10 @@ def _cost_pair_counters(c: dict[str, float], x: float | None, y: float | None) -
     c.update(costp_n=1, costp_x=x, costp_y=y, costp_xx=x * x, costp_yy=y * y, costp_xy=x * y)
 
 
-def _divergence_counters(c: dict[str, float], m: PairMetrics) -> None:
+def _divergence_counters(c: dict[str, float], m: PairMetrics, value: float | None) -> None:
     c["div_n"] = 1
-    c["div"] = int(m.diverged)
-    c[f"h:sim:cand:{int(m.similarity * 100)}"] = 1
-    c["sim_sum"] = m.similarity
+    c["div"] = int(m.diverged)  # the exact-match figure, reported beside the gate (not gated)
+    _similarity_counters(c, "cand", value)
     for name, value in (("tsim", m.text_similarity), ("toksim", m.token_similarity), ("cos", m.embedding_cosine)):
         if value is not None:
             c[f"{name}_sum"] = value
@@ -253,13 +297,16 @@ def _divergence_counters(c: dict[str, float], m: PairMetrics) -> None:
             c[f"{name}_match"] = int(flag)
 
 
-def _noise_counters(c: dict[str, float], m: PairMetrics) -> None:
+def _noise_counters(c: dict[str, float], noise: NoisePair) -> None:
+    m = noise.metrics
     c["aa:n"] = 1
     if m.outcome_base is None and m.outcome_other is None:
+        if noise.truncated:
+            c["aa:truncated"] = 1
+            return
         c["aa:div_n"] = 1
         c["aa:div"] = int(m.diverged)
-        c["aa:sim_sum"] = m.similarity
-        c[f"h:sim:aa:{int(m.similarity * 100)}"] = 1
+        _similarity_counters(c, "aa", noise.score)
 
 
 def _pair_sample(m: PairMetrics, inc: Arm, cand: Arm, counters: dict[str, float]) -> list[float] | None:
@@ -289,7 +336,7 @@ def _shown(arm: Arm) -> Any:
     return None
 
 
-def _example(record: Record, m: PairMetrics, inc: Arm, cand: Arm) -> bytes:
+def _example(record: Record, m: PairMetrics, inc: Arm, cand: Arm, similar: float) -> bytes:
     return orjson.dumps(
         {
             "request_id": record.request_id,
@@ -300,7 +347,7 @@ def _example(record: Record, m: PairMetrics, inc: Arm, cand: Arm) -> bytes:
             "incumbent": {"status": inc.status, "outcome": m.outcome_base, "output": _shown(inc)},
             "candidate": {"status": cand.status, "outcome": m.outcome_other, "output": _shown(cand)},
             "metrics": {
-                "similarity": round(m.similarity, 4),
+                "similarity": round(similar, 4),
                 "text_similarity": m.text_similarity,
                 "token_similarity": m.token_similarity,
                 "field_diffs": list(m.field_diffs),

@@ -11,7 +11,8 @@ import numpy as np
 from scipy import stats
 
 from ..config import CompareConfig
-from .aggregate import MAPPING, NO_CANDIDATE, merge, quantiles
+from .aggregate import MAPPING, NO_CANDIDATE, merge, quantiles, similarity_histogram
+from .similarity import bucket_value
 from .store import WindowData
 from .verdict import Gate, correct_segments, evaluate, overall, satisfaction_gate
 
@@ -106,8 +107,9 @@ def summary(counters: dict[str, float]) -> dict[str, Any]:
             "candidate_rate": _rate(counters.get("div", 0), counters.get("div_n", 0)),
             "noise_pairs": int(counters.get("aa:div_n", 0)),
             "noise_rate": _rate(counters.get("aa:div", 0), counters.get("aa:div_n", 0)),
-            "mean_similarity": _rate(counters.get("sim_sum", 0), counters.get("div_n", 0)),
-            "noise_mean_similarity": _rate(counters.get("aa:sim_sum", 0), counters.get("aa:div_n", 0)),
+            "mean_similarity": _rate(counters.get("sim_sum:cand", 0), counters.get("sim_n:cand", 0)),
+            "noise_mean_similarity": _rate(counters.get("sim_sum:aa", 0), counters.get("sim_n:aa", 0)),
+            "unscored_pairs": int(counters.get("sim_none:cand", 0)),
             "text_similarity_mean": _mean(counters, "tsim"),
             "token_similarity_mean": _mean(counters, "toksim"),
             "embedding_cosine_mean": _mean(counters, "cos"),
@@ -139,6 +141,8 @@ def timeseries(windows: Sequence[WindowData]) -> list[dict[str, Any]]:
             point[f"cost_per_1k.{arm}"] = round(c.get(f"cost:{key}", 0) / cost_n * 1000, 6) if cost_n else None
         point["divergence_rate.candidate"] = _rate(c.get("div", 0), c.get("div_n", 0))
         point["divergence_rate.noise"] = _rate(c.get("aa:div", 0), c.get("aa:div_n", 0))
+        point["mean_similarity.candidate"] = _rate(c.get("sim_sum:cand", 0), c.get("sim_n:cand", 0))
+        point["mean_similarity.noise"] = _rate(c.get("sim_sum:aa", 0), c.get("sim_n:aa", 0))
         points.append(point)
     return points
 
@@ -342,11 +346,19 @@ def _build_one(
         ],
         "drift": _drift(windows, cfg.drift_threshold_pct),
         "timeseries": timeseries(windows),
-        "distributions": {"latency_ms": {arm: distribution(total, "lat", key) for arm, key in ARMS}},
+        "distributions": {
+            "latency_ms": {arm: distribution(total, "lat", key) for arm, key in ARMS},
+            "similarity": {
+                arm: [[bucket_value(b), int(n)] for b, n in sorted(similarity_histogram(total, key).items())]
+                for arm, key in (("candidate", "cand"), ("noise", "aa"))
+            },
+        },
         "examples": ranked,
         "notes": [
             "Shadow answers never reach users: divergence compares outputs, not user satisfaction.",
             "Divergence excludes pairs where either arm failed; those count as errors.",
+            "Divergence compares candidate-vs-incumbent similarity with the incumbent's own A/A similarity "
+            "(it samples too); the exact-match rate is shown as a figure, not gated.",
             "User feedback only compares arms while the candidate serves some users (canary stages): "
             "during shadowing every answer users saw came from the incumbent.",
         ],

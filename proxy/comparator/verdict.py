@@ -5,7 +5,8 @@
 - Error rate: exact Clopper-Pearson intervals for each arm, combined conservatively (Bonferroni), and
   McNemar's exact test on discordant pairs. A candidate with errors against an incumbent with none fails
   once n suffices; it never passes on a zero baseline because the candidate's upper bound must clear it.
-- Divergence: exact interval of the candidate's divergence rate minus the incumbent's own A/A rate.
+- Divergence: candidate-vs-incumbent similarity scores against the incumbent's own A/A scores, by the
+  share of pairs below the A/A's low quantiles and a Hodges-Lehmann shift (``divergence.py``).
 - Cost: delta-method interval of the ratio of mean cost per request over every pair priced on both arms.
 Outcomes: pass (the whole interval is on the good side of the threshold), fail (the whole interval is
 on the bad side), inconclusive (it straddles, or n is below the gate's minimum) with an estimate of
@@ -23,7 +24,8 @@ import numpy as np
 from scipy import stats
 
 from ..config import GatesConfig
-from .aggregate import PAIR_FIELDS, quantiles
+from . import divergence
+from .aggregate import PAIR_FIELDS, quantiles, similarity_histogram
 from .intervals import cost_ratio_bounds, quantile_bounds
 
 PASS, FAIL, INCONCLUSIVE, SKIPPED = "pass", "fail", "inconclusive", "skipped"
@@ -221,35 +223,40 @@ def error_gate(counters: dict[str, float], cfg: GatesConfig) -> Gate:
 
 
 def divergence_gate(counters: dict[str, float], cfg: GatesConfig) -> Gate:
-    """Candidate divergence rate in excess of the incumbent's own A/A divergence (its noise floor)."""
-    n, k = int(counters.get("div_n", 0)), int(counters.get("div", 0))
-    n_aa, k_aa = int(counters.get("aa:div_n", 0)), int(counters.get("aa:div", 0))
-    joint = 1.0 - (1.0 - cfg.confidence) / 2.0
-    low, high = _clopper_pearson(k, n, joint)
-    aa_low, aa_high = (0.0, 0.0) if n_aa == 0 else _clopper_pearson(k_aa, n_aa, joint)
-    noise = k_aa / n_aa if n_aa else 0.0
-    gate = Gate(
-        "divergence",
-        INCONCLUSIVE,
-        "divergence rate(candidate) - divergence rate(incumbent A/A)",
-        (k / n - noise) if n else None,
-        None,
-        n,
-        None,
-        "fraction",
-        "",
+    """Candidate-vs-incumbent similarity against the incumbent's own A/A similarity (docs/divergence.md):
+    the share of pairs less similar than the A/A's low quantiles, and the shift of the whole distribution."""
+    rule = divergence.DivergenceRule(
+        excess_pp=cfg.divergence_excess_pp,
+        shift_max=cfg.similarity_shift_max,
+        quantiles=cfg.noise_quantiles,
+        confidence=cfg.confidence,
+        min_pairs=cfg.min_pairs,
+        min_noise_pairs=cfg.min_noise_pairs,
     )
-    gate.details = {
-        "candidate_rate": k / n if n else None,
-        "noise_rate": noise if n_aa else None,
-        "noise_pairs": n_aa,
+    r = divergence.evaluate(similarity_histogram(counters, "cand"), similarity_histogram(counters, "aa"), rule)
+    details = dict(r.details) | {
+        "noise_pairs": r.n_aa,
         "threshold_pp": cfg.divergence_excess_pp,
-        "noise_floor": "measured" if n_aa else "not measured (compare.noise_sample_rate = 0): floor taken as 0",
+        "exact_match_rate": _rate_or_none(counters.get("div_n", 0) - counters.get("div", 0), counters.get("div_n", 0)),
     }
-    threshold = cfg.divergence_excess_pp / 100.0
-    if n:
-        gate.p_value = float(stats.binomtest(k, n, min(1.0, noise + threshold), alternative="greater").pvalue)
-    return _decide(gate, (low - aa_high, high - aa_low), threshold, cfg.min_pairs)
+    return Gate(
+        "divergence",
+        r.outcome,
+        r.statistic,
+        r.estimate,
+        r.interval,
+        r.n,
+        r.threshold,
+        "fraction",
+        r.rule,
+        p_value=r.p_value,
+        need_more_pairs=r.need_more_pairs,
+        details=details,
+    )
+
+
+def _rate_or_none(k: float, n: float) -> float | None:
+    return round(k / n, 6) if n else None
 
 
 def cost_gate(counters: dict[str, float], cfg: GatesConfig) -> Gate:
