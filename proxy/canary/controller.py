@@ -18,10 +18,12 @@ from typing import Any
 
 import structlog
 
+from ..comparator import monitoring, sequential
+from ..comparator.aggregate import merge, similarity_histogram
 from ..comparator.offload import INLINE, ReportBuilder
+from ..comparator.report import Monitor, candidate_of
 from ..comparator.store import AggregateReader
-from ..comparator.verdict import satisfaction_gate
-from ..config import Config, canary_candidate
+from ..config import Config, canary_candidate, parse_duration
 from ..store import Keys, StoreUnavailable
 from .state import ACTIVE, CanaryState, Policy, Stage, Transition, evaluate, initial, manual
 from .store import CanaryStore
@@ -46,6 +48,11 @@ class Controller:
         self.store = CanaryStore(redis_url, keys, socket_timeout=config.record.socket_timeout)
         self.reader = AggregateReader(redis_url, keys, socket_timeout=config.record.socket_timeout)
         self.holder = holder or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # Every gate of every stage shares one error budget: a whole canary errs either way with
+        # probability at most 1 - confidence, however often the controller looks (docs/sequential.md).
+        stages = config.canary.stage
+        gates = max(len(stage.gates) for stage in stages)
+        self.plan = sequential.split_alpha(1.0 - config.compare.gates.confidence, gates, len(stages))
         self.last_evidence: dict[str, Any] | None = None
         self.builder = builder
 
@@ -67,13 +74,11 @@ class Controller:
         compare = self.config.compare
         windows = await self.reader.load(state.stage_started, now, compare.examples_per_window)
         candidate = canary_candidate(self.config)
+        name = candidate.name if candidate is not None else None
+        segments = await self.reader.segments()
+        monitor = Monitor(self.plan, reference=await self._noise_before(state.stage_started, segments, name))
         report = await self.builder.build(
-            windows,
-            await self.reader.segments(),
-            compare,
-            since=state.stage_started,
-            until=now,
-            candidate=candidate.name if candidate is not None else None,
+            windows, segments, compare, since=state.stage_started, until=now, candidate=name, monitor=monitor
         )
         gates = {g["name"]: g for g in report["verdict"]["gates"]}
         gates["satisfaction"] = (await self._satisfaction(state, now)).as_dict()
@@ -81,10 +86,12 @@ class Controller:
         evidence = {
             "pairs": pairs,
             "window": [state.stage_started, now],
+            "method": sequential.METHOD,
+            "alpha_plan": self.plan.describe(),
             "gates": {
                 name: {
                     k: g.get(k)
-                    for k in ("outcome", "estimate", "interval", "threshold", "n", "rule", "need_more_pairs")
+                    for k in ("outcome", "estimate", "interval", "threshold", "n", "rule", "need_more_pairs", "method")
                 }
                 for name, g in gates.items()
             },
@@ -94,9 +101,21 @@ class Controller:
     async def _satisfaction(self, state: CanaryState, now: float) -> Any:
         feedback = await self.reader.feedback(state.stage_started, now, self.config.compare.window_seconds)
         canary = self.config.canary
-        return satisfaction_gate(
-            feedback, self.config.compare.gates, min_feedback=canary.min_feedback, drop_max=canary.satisfaction_drop_max
+        return monitoring.satisfaction_gate(
+            feedback,
+            self.config.compare.gates,
+            self.plan,
+            sequential.DEFAULT_T_STAR,
+            min_feedback=canary.min_feedback,
+            drop_max=canary.satisfaction_drop_max,
         )
+
+    async def _noise_before(self, start: float, segments: dict[str, Any], candidate: str | None) -> dict[int, float]:
+        """The incumbent's A/A similarity over the report range before the stage: the stage's frozen threshold."""
+        since = start - parse_duration(self.config.compare.report_since)
+        windows = await self.reader.load(since, start - self.config.compare.window_seconds, 0)
+        mine = [w for w in windows if candidate is None or candidate_of(segments.get(w.segment, {})) == candidate]
+        return similarity_histogram(merge(w.counters for w in mine), "aa")
 
     async def step(self, now: float | None = None) -> Transition | None:
         """One evaluation of the current stage; the committed transition, if any."""

@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 from scipy import stats
 
 from .aggregate import MAPPING
@@ -72,6 +73,20 @@ def quantile_bounds(counters: Mapping[str, float], name: str, arm: str, q: float
     low = _value_at(buckets, r - 1) if r >= 1 else 0.0
     high = _value_at(buckets, s - 1) if s <= n and s - 1 < first_censored else math.inf
     return QuantileBounds(_value_at(buckets, point), low, high, n, point >= first_censored)
+
+
+def sketch_arrays(
+    counters: Mapping[str, float], name: str, arm: str, *, censored: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted bucket values and cumulative counts of an arm's sketch with its censored one merged in;
+    ``censored`` replaces the censored values (math.inf for an upper bound), else they stay at the timeout."""
+    kept = _buckets(counters, name, arm)
+    cut = _buckets(counters, name + "c", arm)
+    if censored is not None:
+        cut = [(censored, count) for _, count in cut]
+    merged = sorted(kept + cut)
+    values = np.array([v for v, _ in merged], dtype=float)
+    return values, np.cumsum([c for _, c in merged], dtype=float)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
 from ..config import CompareConfig
+from . import monitoring
+from . import sequential as sq
 from .aggregate import MAPPING, NO_CANDIDATE, merge, quantiles, similarity_histogram
 from .similarity import bucket_value
 from .store import WindowData
@@ -255,6 +258,7 @@ def build(
     min_feedback: int = 30,
     satisfaction_drop_max: float = 0.05,
     candidate: str | None = None,
+    monitor: Monitor | None = None,
 ) -> dict[str, Any]:
     """The report of one candidate against the incumbent (``candidate``, else the first one seen) for the
     windows in range (optionally only segments matching the filter), with every candidate's verdict."""
@@ -276,8 +280,19 @@ def build(
         feedback=feedback,
         min_feedback=min_feedback,
         satisfaction_drop_max=satisfaction_drop_max,
+        monitor=monitor,
     )
     return {"version": REPORT_VERSION, "candidate": selected, "candidates": others, **report}
+
+
+@dataclass(frozen=True, slots=True)
+class Monitor:
+    """How the canary controller looks: the alpha plan of its confidence sequences, their tuning, and the
+    A/A similarity from before the stage (the divergence threshold, frozen for the stage)."""
+
+    plan: sq.AlphaPlan
+    t_star: float = sq.DEFAULT_T_STAR
+    reference: dict[int, float] | None = None
 
 
 def candidate_of(segment: dict[str, Any]) -> str:
@@ -308,16 +323,28 @@ def _build_one(
     feedback: dict[str, float] | None,
     min_feedback: int,
     satisfaction_drop_max: float,
+    monitor: Monitor | None = None,
 ) -> dict[str, Any]:
     by_segment: dict[str, list[WindowData]] = defaultdict(list)
     for data in windows:
         by_segment[data.segment].append(data)
     total = merge(w.counters for w in windows)
     all_pairs = [p for w in windows for p in w.pairs]
-    gates = evaluate(total, all_pairs, cfg.gates)
-    satisfaction = satisfaction_gate(
-        feedback or {}, cfg.gates, min_feedback=min_feedback, drop_max=satisfaction_drop_max
-    )
+    if monitor is not None:  # the canary controller: decisions that stay valid however often it looks
+        gates = monitoring.evaluate(total, cfg.gates, monitor.plan, monitor.t_star, monitor.reference)
+        satisfaction = monitoring.satisfaction_gate(
+            feedback or {},
+            cfg.gates,
+            monitor.plan,
+            monitor.t_star,
+            min_feedback=min_feedback,
+            drop_max=satisfaction_drop_max,
+        )
+    else:
+        gates = evaluate(total, all_pairs, cfg.gates)
+        satisfaction = satisfaction_gate(
+            feedback or {}, cfg.gates, min_feedback=min_feedback, drop_max=satisfaction_drop_max
+        )
     gates.append(satisfaction)
     segment_reports: list[dict[str, Any]] = []
     segment_gates: list[list[Gate]] = []

@@ -29,6 +29,7 @@ from .aggregate import PAIR_FIELDS, quantiles, similarity_histogram
 from .intervals import cost_ratio_bounds, quantile_bounds
 
 PASS, FAIL, INCONCLUSIVE, SKIPPED = "pass", "fail", "inconclusive", "skipped"
+FIXED_SAMPLE = "fixed-sample interval (valid for a single look)"
 _COL = {name: i for i, name in enumerate(PAIR_FIELDS)}
 _MAX_BOOTSTRAP_PAIRS = 2000
 
@@ -50,6 +51,7 @@ class Gate:
     need_more_pairs: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
+    method: str = FIXED_SAMPLE
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
