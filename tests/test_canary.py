@@ -98,6 +98,14 @@ async def comparator(redis_url: str):  # type: ignore[no-untyped-def]
         await worker.store.close()
 
 
+def _children(pid: int) -> list[int]:
+    """Child process ids of a process (Linux /proc)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def _events(client: redis.Redis) -> list[dict[str, Any]]:
     return [orjson.loads(f[b"event"]) for _, f in client.xrange("{shadow}:canary:events")]
 
@@ -412,8 +420,12 @@ async def test_controller_killed_mid_stage_resumes_after_restart(
         await controller.close()
     before = _state(redis_client)
     assert before["stage"] == 1
+    await eventually(lambda: bool(_children(first.pid)), within=15)  # its report builder (a child process)
+    orphans = _children(first.pid)
     first.send_signal(signal.SIGKILL)
     first.wait(10)
+    # The report builder dies with its parent instead of lingering as an orphan.
+    await eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in orphans), within=10)
     replicas(config_path)
     await eventually(lambda: redis_client.get("{shadow}:canary:lease") not in (None, holder), within=15)
     after = _state(redis_client)
