@@ -25,6 +25,8 @@ from pydantic import (
     field_validator,
 )
 
+from .headers import HOP_BY_HOP, REQUEST_REPLACED
+
 ENV_PREFIX = "SHADOW_PROXY_"
 SECRET_KEYS = frozenset({"token"})
 MASK = "***"
@@ -96,24 +98,9 @@ class PriceConfig(_Section):
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP header name (RFC 9110 token)
-# Headers the proxy sets itself or that describe the connection: shaping may not touch them.
-_UNSHAPEABLE = frozenset(
-    {
-        "host",
-        "content-length",
-        "expect",
-        # hop-by-hop (RFC 9110 §7.6.1): they describe one connection, never a request to an upstream
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    }
-)
+# Headers the proxy sets itself, and hop-by-hop ones (RFC 9110 §7.6.1) that describe one connection:
+# shaping may not touch them.
+_UNSHAPEABLE = HOP_BY_HOP | REQUEST_REPLACED
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
 
 
