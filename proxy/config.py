@@ -28,7 +28,7 @@ from pydantic import (
 from .headers import HOP_BY_HOP, REQUEST_REPLACED
 
 ENV_PREFIX = "SHADOW_PROXY_"
-SECRET_KEYS = frozenset({"token"})
+SECRET_KEYS = frozenset({"token", "api_key"})
 MASK = "***"
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
@@ -285,6 +285,35 @@ class GatesConfig(_Section):
         return value
 
 
+class SemanticConfig(_Section):
+    """An OpenAI-compatible embeddings endpoint the user runs, for semantic similarity (off when url is empty)."""
+
+    url: str = ""
+    model: str = ""
+    api_key: SecretStr = SecretStr("")
+    batch_size: int = Field(default=64, ge=1, le=2048)
+    max_in_flight: int = Field(default=2, ge=1, le=64)
+    rate_per_second: float = Field(default=20.0, gt=0.0)
+    timeout: PositiveSeconds = 5.0
+    cache_entries: int = Field(default=10_000, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError("expected an http:// or https:// base URL such as http://127.0.0.1:8000/v1")
+        return value.rstrip("/")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _api_key(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            raise ValueError('expected a string such as "${EMBEDDINGS_API_KEY}"')
+        return _resolve(value, (info.context or {}).get("environ", os.environ), "api_key")
+
+
 class CompareConfig(_Section):
     group: str = "comparators"
     consumer: str = ""
@@ -305,6 +334,7 @@ class CompareConfig(_Section):
     report_since: str = Field(default="1h", pattern=r"^\d+[smhd]$")
     drift_threshold_pct: float = Field(default=20.0, ge=0.0)
     gates: GatesConfig = GatesConfig()
+    semantic: SemanticConfig = SemanticConfig()
 
 
 class StageConfig(_Section):
@@ -392,7 +422,12 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 # Nested tables, for naming them in error messages.
-_NESTED: dict[str, type[_Section]] = {"price": PriceConfig, "gates": GatesConfig, "stage": StageConfig}
+_NESTED: dict[str, type[_Section]] = {
+    "price": PriceConfig,
+    "gates": GatesConfig,
+    "stage": StageConfig,
+    "semantic": SemanticConfig,
+}
 
 
 def parse_duration(text: str) -> float:

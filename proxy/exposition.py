@@ -65,11 +65,19 @@ async def redis_families(reader: AggregateReader, group: str, within: float = 1.
         "Answers of a recognised shape with a part that could not be read, by live comparator and reason.",
         labels=["consumer", "reason"],
     )
+    fallbacks = CounterMetricFamily(
+        "shadow_proxy_comparator_semantic_fallbacks",
+        "Batches scored lexically because the embeddings endpoint failed, by live comparator and reason.",
+        labels=["consumer", "reason"],
+    )
     for worker in workers:
-        applied.add_metric([str(worker.get("consumer"))], float(worker.get("applied", 0)))
+        consumer = str(worker.get("consumer"))
+        applied.add_metric([consumer], float(worker.get("applied", 0)))
         for reason, count in (worker.get("parse_errors") or {}).items():
-            parse_errors.add_metric([str(worker.get("consumer")), str(reason)], float(count))
-    families += [backlog, stream, applied, parse_errors]
+            parse_errors.add_metric([consumer, str(reason)], float(count))
+        for reason, count in (worker.get("semantic_fallbacks") or {}).items():
+            fallbacks.add_metric([consumer, str(reason)], float(count))
+    families += [backlog, stream, applied, parse_errors, fallbacks]
     if verdict:
         gates = GaugeMetricFamily(
             "shadow_proxy_verdict_gate",

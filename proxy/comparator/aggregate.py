@@ -21,7 +21,7 @@ from ddsketch.mapping import LogarithmicMapping
 from .metrics import PairMetrics, Tolerance, arm_cost, compare
 from .parse import Arm, Record
 from .pricing import PriceBook
-from .similarity import bucket
+from .similarity import BELOW_ONE, bucket
 from .similarity import score as score_pair
 
 RELATIVE_ACCURACY = 0.01
@@ -123,14 +123,55 @@ def _arms(record: Record) -> tuple[Arm | None, dict[str, Arm], Arm | None]:
     return incumbent, candidates, noise
 
 
-def contributions(record: Record, settings: Settings) -> list[Contribution]:
-    """What one record contributes to each candidate it concerns: mirrored to it, or skipped for it."""
+PairKey = tuple[str, str]  # (request id, "cand:<candidate>" or "aa"): one compared pair of a record
+NOISE_PAIR = "aa"
+
+
+def pair_key(request_id: str, candidate: str | None) -> PairKey:
+    """The key of a record's pair: incumbent vs the named candidate, or (None) vs its A/A copy."""
+    return (request_id, NOISE_PAIR if candidate is None else f"cand:{candidate}")
+
+
+@dataclass(frozen=True, slots=True)
+class Semantic:
+    """Semantic similarity scored before aggregation (``semantic.py``): per pair, a cosine in [0, 1], or
+    the reason it fell back to the lexical score alone (the endpoint was slow, down, or answered garbage)."""
+
+    scores: Mapping[PairKey, float] = field(default_factory=dict)
+    fallbacks: Mapping[PairKey, str] = field(default_factory=dict)
+
+
+def compared_pairs(record: Record) -> list[tuple[PairKey, Arm, Arm]]:
+    """The record's pairs whose answers are compared (both clean and whole): incumbent vs each candidate,
+    and incumbent vs its A/A copy. The same pairs the similarity histograms count."""
+    incumbent, candidates, noise = _arms(record)
+    if incumbent is None or not _whole(incumbent):
+        return []
+    others = [(pair_key(record.request_id, name), arm) for name, arm in sorted(candidates.items())]
+    if noise is not None:
+        others.append((pair_key(record.request_id, None), noise))
+    return [(key, incumbent, arm) for key, arm in others if _whole(arm)]
+
+
+def _whole(arm: Arm) -> bool:
+    return arm.outcome is None and not arm.output.truncated
+
+
+def contributions(record: Record, settings: Settings, semantic: Semantic | None = None) -> list[Contribution]:
+    """What one record contributes to each candidate it concerns: mirrored to it, or skipped for it.
+    With ``semantic``, its pairs' semantic scores (or fallbacks) are counted beside the lexical ones."""
     incumbent, candidates, noise = _arms(record)
     names = sorted(candidates.keys() | {n for n in record.skipped if n != "incumbent"}) or [NO_CANDIDATE]
     noise_metrics = None
     if incumbent is not None and noise is not None:
         noise_metrics = NoisePair(compare(incumbent, noise, settings.tolerance), incumbent, noise, settings.tolerance)
-    return [contribution(record, settings, name, incumbent, candidates.get(name), noise_metrics) for name in names]
+    found = [contribution(record, settings, name, incumbent, candidates.get(name), noise_metrics) for name in names]
+    if semantic is not None:
+        for item in found:
+            _semantic_counters(item.counters, semantic, pair_key(record.request_id, item.segment.candidate), "cand")
+            if noise_metrics is not None:
+                _semantic_counters(item.counters, semantic, pair_key(record.request_id, None), "aa")
+    return found
 
 
 def contribution(
@@ -274,6 +315,23 @@ def _pair_counters(
             # Kept in a sketch of their own ("latc"): the gates merge it in, distributions of answers do not.
             _add_sketch(c, "latc", arm_name, max(arm.duration_ms or 0.0, censor))
     return value
+
+
+# Semantic histograms (``semantic.py``), next to the lexical ones: ssim:<arm>:<bucket>, ssim_sum:<arm>,
+# ssim_n:<arm>; semantic_fallback:<reason> counts pairs scored lexically only because the endpoint failed.
+def _semantic_counters(c: dict[str, float], semantic: Semantic, key: PairKey, arm: str) -> None:
+    value = semantic.scores.get(key)
+    if value is not None:
+        # As in the lexical histogram, the top bucket holds identical answers only (the lexical score says
+        # which): a paraphrase with a cosine of 1.0 counts just below it.
+        identical = c.get(f"sim:{arm}:{bucket(1.0)}", 0) > 0
+        value = 1.0 if identical else min(max(value, 0.0), BELOW_ONE)
+        c[f"ssim:{arm}:{bucket(value)}"] = 1
+        c[f"ssim_sum:{arm}"] = value
+        c[f"ssim_n:{arm}"] = 1
+    elif (reason := semantic.fallbacks.get(key)) is not None:
+        name = f"semantic_fallback:{reason}"
+        c[name] = c.get(name, 0) + 1
 
 
 def _cost_pair_counters(c: dict[str, float], x: float | None, y: float | None) -> None:

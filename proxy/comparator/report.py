@@ -112,6 +112,12 @@ def summary(counters: dict[str, float]) -> dict[str, Any]:
             "noise_rate": _rate(counters.get("aa:div", 0), counters.get("aa:div_n", 0)),
             "mean_similarity": _rate(counters.get("sim_sum:cand", 0), counters.get("sim_n:cand", 0)),
             "noise_mean_similarity": _rate(counters.get("sim_sum:aa", 0), counters.get("sim_n:aa", 0)),
+            # Beside the lexical figures, when compare.semantic embeds the answers (docs/divergence.md).
+            "semantic_mean_similarity": _rate(counters.get("ssim_sum:cand", 0), counters.get("ssim_n:cand", 0)),
+            "semantic_noise_mean_similarity": _rate(counters.get("ssim_sum:aa", 0), counters.get("ssim_n:aa", 0)),
+            "semantic_pairs": int(counters.get("ssim_n:cand", 0)),
+            "semantic_noise_pairs": int(counters.get("ssim_n:aa", 0)),
+            "semantic_fallbacks": _by_prefix(counters, "semantic_fallback:"),
             "unscored_pairs": int(counters.get("sim_none:cand", 0)),
             "text_similarity_mean": _mean(counters, "tsim"),
             "token_similarity_mean": _mean(counters, "toksim"),

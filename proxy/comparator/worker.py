@@ -18,10 +18,11 @@ import structlog
 
 from ..config import Config, UpstreamConfig
 from ..store import Keys, StoreUnavailable
-from .aggregate import Contribution, Settings, contributions
+from .aggregate import Contribution, Semantic, Settings, contributions
 from .metrics import Tolerance
 from .parse import PoisonRecord, Record, parse_record
 from .pricing import PriceBook
+from .semantic import SemanticScorer
 from .store import ComparatorStore, Entry, Limits
 
 log = structlog.get_logger("shadow_proxy.comparator")
@@ -37,6 +38,7 @@ class Progress:
     dead_lettered: int = 0
     reclaimed: int = 0
     parse_errors: dict[str, int] = field(default_factory=dict)  # reason -> answers with that unreadable part
+    semantic_fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> batches scored lexically only
     started: float = field(default_factory=time.time)
 
 
@@ -87,12 +89,20 @@ class Worker:
         )
         self.progress = Progress()
         self._stopping = asyncio.Event()
+        self._semantic = SemanticScorer(compare.semantic) if compare.semantic.url else None
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def run(self, *, burst: bool = False) -> Progress:
         """Process until stopped (or, in burst mode, until nothing is left)."""
+        try:
+            return await self._run(burst=burst)
+        finally:
+            if self._semantic is not None:
+                await self._semantic.close()
+
+    async def _run(self, *, burst: bool) -> Progress:
         await self.store.ensure_group()
         log.info("comparator_started", consumer=self.store.consumer, group=self.store.group, burst=burst)
         await self._process(await self.store.read_own_pending(self._config.batch_size))
@@ -126,16 +136,19 @@ class Worker:
     async def _process(self, entries: list[Entry]) -> int:
         if not entries:
             return 0
-        found: list[Contribution] = []
+        parsed: list[Record] = []
         for entry_id, fields in entries:
             try:
                 record = parse_record(fields)
-                self._count_parse_errors(record)
-                found.extend(contributions(record, self._settings))
             except PoisonRecord as exc:
                 await self.store.dead_letter(entry_id, fields, str(exc))
                 self.progress.dead_lettered += 1
                 log.warning("record_dead_lettered", entry_id=entry_id.decode(), reason=str(exc))
+                continue
+            self._count_parse_errors(record)
+            parsed.append(record)
+        semantic = await self._semantic_scores(parsed)
+        found: list[Contribution] = [c for r in parsed for c in contributions(r, self._settings, semantic)]
         applied = await self.store.apply(found)
         # Acknowledge only after the aggregates are durably written (at least once).
         await self.store.ack([entry_id for entry_id, _ in entries])
@@ -143,6 +156,16 @@ class Worker:
         self.progress.applied += applied
         self.progress.duplicates += len(found) - applied
         return len(entries)
+
+    async def _semantic_scores(self, records: list[Record]) -> Semantic | None:
+        """The batch's semantic scores when an embeddings endpoint is configured; its failures are counted."""
+        if self._semantic is None or not records:
+            return None
+        semantic = await self._semantic.scores(records)
+        for reason in sorted(set(semantic.fallbacks.values())):
+            self.progress.semantic_fallbacks[reason] = self.progress.semantic_fallbacks.get(reason, 0) + 1
+            log.warning("semantic_fallback", reason=reason, pairs=len(semantic.fallbacks))
+        return semantic
 
     def _count_parse_errors(self, record: Record) -> None:
         errors = self.progress.parse_errors
@@ -160,6 +183,7 @@ class Worker:
             "dead_lettered": p.dead_lettered,
             "reclaimed": p.reclaimed,
             "parse_errors": dict(p.parse_errors),
+            "semantic_fallbacks": dict(p.semantic_fallbacks),
         }
 
     async def _heartbeat(self) -> None:
