@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -276,6 +277,9 @@ class GatesConfig(_Section):
     cost_ratio_max: float = Field(default=1.10, gt=0.0)
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
     fdr: float = Field(default=0.05, gt=0.0, lt=1.0)
+    # The pairwise judge: fails when the candidate's win rate is clearly below 50% minus this margin.
+    judge_margin_pp: float = Field(default=10.0, ge=0.0, lt=50.0)
+    judge_min_pairs: int = Field(default=30, ge=1)
 
     @field_validator("noise_quantiles")
     @classmethod
@@ -285,17 +289,12 @@ class GatesConfig(_Section):
         return value
 
 
-class SemanticConfig(_Section):
-    """An OpenAI-compatible embeddings endpoint the user runs, for semantic similarity (off when url is empty)."""
+class _Endpoint(_Section):
+    """An OpenAI-compatible API the comparator calls (off when url is empty); its key never leaves the header."""
 
     url: str = ""
     model: str = ""
     api_key: SecretStr = SecretStr("")
-    batch_size: int = Field(default=64, ge=1, le=2048)
-    max_in_flight: int = Field(default=2, ge=1, le=64)
-    rate_per_second: float = Field(default=20.0, gt=0.0)
-    timeout: PositiveSeconds = 5.0
-    cache_entries: int = Field(default=10_000, ge=0)
 
     @field_validator("url")
     @classmethod
@@ -312,6 +311,27 @@ class SemanticConfig(_Section):
         if not isinstance(value, str):
             raise ValueError('expected a string such as "${EMBEDDINGS_API_KEY}"')
         return _resolve(value, (info.context or {}).get("environ", os.environ), "api_key")
+
+
+class SemanticConfig(_Endpoint):
+    """An OpenAI-compatible embeddings endpoint the user runs, for semantic similarity (off when url is empty)."""
+
+    batch_size: int = Field(default=64, ge=1, le=2048)
+    max_in_flight: int = Field(default=2, ge=1, le=64)
+    rate_per_second: float = Field(default=20.0, gt=0.0)
+    timeout: PositiveSeconds = 5.0
+    cache_entries: int = Field(default=10_000, ge=0)
+
+
+class JudgeConfig(_Endpoint):
+    """An OpenAI-compatible chat endpoint that judges sampled pairs blind (off when url is empty)."""
+
+    sample_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    # The judge's spend over the last hour (its price table, else the maintained price list), per worker.
+    budget_per_hour: float = Field(default=0.0, ge=0.0)
+    max_in_flight: int = Field(default=2, ge=1, le=64)
+    timeout: PositiveSeconds = 20.0
+    price: PriceConfig = PriceConfig()
 
 
 class CompareConfig(_Section):
@@ -335,6 +355,7 @@ class CompareConfig(_Section):
     drift_threshold_pct: float = Field(default=20.0, ge=0.0)
     gates: GatesConfig = GatesConfig()
     semantic: SemanticConfig = SemanticConfig()
+    judge: JudgeConfig = JudgeConfig()
 
 
 class StageConfig(_Section):
@@ -346,7 +367,7 @@ class StageConfig(_Section):
     @field_validator("gates")
     @classmethod
     def _known_gates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        known = {"latency_p50", "latency_p99", "error_rate", "divergence", "cost", "satisfaction"}
+        known = {"latency_p50", "latency_p99", "error_rate", "divergence", "cost", "satisfaction", "judge"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown gate(s) {', '.join(unknown)}: use {', '.join(sorted(known))}")
@@ -427,6 +448,7 @@ _NESTED: dict[str, type[_Section]] = {
     "gates": GatesConfig,
     "stage": StageConfig,
     "semantic": SemanticConfig,
+    "judge": JudgeConfig,
 }
 
 
@@ -535,7 +557,7 @@ def load_config(
         config = Config.model_validate(data, context={"environ": os.environ if environ is None else environ})
     except ValidationError as exc:
         raise ConfigError(_describe(exc.errors()[0], sources)) from None
-    return _check_candidates(config, sources)
+    return _check_judge(_check_candidates(config, sources), sources)
 
 
 def _check_candidates(config: Config, sources: str) -> Config:
@@ -564,11 +586,45 @@ def _check_candidates(config: Config, sources: str) -> Config:
             f"invalid config key canary.candidate = {wanted!r}: no candidate has this name ({known}) "
             f"(fix it in {sources})"
         )
+    for index, stage in enumerate(config.canary.stage):
+        if "judge" in stage.gates and not config.compare.judge.url:
+            raise ConfigError(
+                f"invalid config key canary.stage.{index}.gates: the stage waits on the judge gate but "
+                f'compare.judge.url is empty, so it could never pass: set [compare.judge] url or drop "judge" '
+                f"(fix it in {sources})"
+            )
     if config.canary.enabled and not wanted and len(seen) > 1:
         raise ConfigError(
             f"missing config key canary.candidate: with {len(seen)} candidates, name the one the canary promotes "
             f"({', '.join(sorted(seen))}) (fix it in {sources})"
         )
+    return config
+
+
+def normalised_url(url: str) -> str:
+    """An API base for comparison: scheme and host in lower case, the default port explicit, no trailing
+    slash and no trailing /v1 (an OpenAI base is often written either way)."""
+    parts = urlsplit(url)
+    try:
+        port = str(parts.port or (443 if parts.scheme.lower() == "https" else 80))
+    except ValueError:  # not a number: compared as written
+        port = parts.netloc.rpartition(":")[2]
+    path = parts.path.rstrip("/").removesuffix("/v1").rstrip("/")
+    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}{path}"
+
+
+def _check_judge(config: Config, sources: str) -> Config:
+    """A judge that is also one of the arms would grade its own answers: refused."""
+    judge = config.compare.judge
+    if not judge.url:
+        return config
+    arms = [("the incumbent", config.incumbent.url)] + [(f"candidate {c.name}", c.url) for c in config.candidate]
+    for label, url in arms:
+        if url and normalised_url(url) == normalised_url(judge.url):
+            raise ConfigError(
+                f"invalid config key compare.judge.url = {judge.url!r}: a judge that is also one of the arms "
+                f"({label}) would grade its own answers: point it at a model that is neither (fix it in {sources})"
+            )
     return config
 
 

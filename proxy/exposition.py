@@ -70,6 +70,14 @@ async def redis_families(reader: AggregateReader, group: str, within: float = 1.
         "Batches scored lexically because the embeddings endpoint failed, by live comparator and reason.",
         labels=["consumer", "reason"],
     )
+    judge_skipped = CounterMetricFamily(
+        "shadow_proxy_comparator_judge_skipped",
+        "Pairs sampled for the judge but not judged, by live comparator and reason (budget, timeout, ...).",
+        labels=["consumer", "reason"],
+    )
+    judged = CounterMetricFamily(
+        "shadow_proxy_comparator_judged", "Pairs the judge gave a verdict on, by live comparator.", labels=["consumer"]
+    )
     for worker in workers:
         consumer = str(worker.get("consumer"))
         applied.add_metric([consumer], float(worker.get("applied", 0)))
@@ -77,7 +85,10 @@ async def redis_families(reader: AggregateReader, group: str, within: float = 1.
             parse_errors.add_metric([consumer, str(reason)], float(count))
         for reason, count in (worker.get("semantic_fallbacks") or {}).items():
             fallbacks.add_metric([consumer, str(reason)], float(count))
-    families += [backlog, stream, applied, parse_errors, fallbacks]
+        judged.add_metric([consumer], float(worker.get("judged", 0)))
+        for reason, count in (worker.get("judge_skipped") or {}).items():
+            judge_skipped.add_metric([consumer, str(reason)], float(count))
+    families += [backlog, stream, applied, parse_errors, fallbacks, judged, judge_skipped]
     if verdict:
         gates = GaugeMetricFamily(
             "shadow_proxy_verdict_gate",

@@ -241,6 +241,7 @@ def test_one_candidate_table_and_flags_still_work(tmp_path: Path) -> None:
             "[canary]\nenabled = true\n",
             "missing config key canary.candidate: with 2 candidates",
         ),
+        ('[[canary.stage]]\nweight = 0.0\ngates = ["judge"]\n', "invalid config key canary.stage.0.gates"),
     ],
 )
 def test_candidate_tables_are_checked_even_when_unused(tmp_path: Path, text: str, expected: str) -> None:

@@ -141,6 +141,19 @@ class Semantic:
     fallbacks: Mapping[PairKey, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """Pairwise judgements made before aggregation (``judge.py``): per judged pair, who won from the view of
+    the pair's second answer ("win", "loss", "tie": the candidate's view; for the A/A pair, "first",
+    "second" or "tie" by the position the judge saw) and the position it picked ("A", "B" or "tie"); per
+    pair sampled but not judged, the reason (``budget``, ``timeout``, ...)."""
+
+    outcomes: Mapping[PairKey, str] = field(default_factory=dict)
+    positions: Mapping[PairKey, str] = field(default_factory=dict)
+    skipped: Mapping[PairKey, str] = field(default_factory=dict)
+    cost: Mapping[PairKey, float] = field(default_factory=dict)
+
+
 def compared_pairs(record: Record) -> list[tuple[PairKey, Arm, Arm]]:
     """The record's pairs whose answers are compared (both clean and whole): incumbent vs each candidate,
     and incumbent vs its A/A copy. The same pairs the similarity histograms count."""
@@ -157,9 +170,12 @@ def _whole(arm: Arm) -> bool:
     return arm.outcome is None and not arm.output.truncated
 
 
-def contributions(record: Record, settings: Settings, semantic: Semantic | None = None) -> list[Contribution]:
+def contributions(
+    record: Record, settings: Settings, semantic: Semantic | None = None, judged: Judged | None = None
+) -> list[Contribution]:
     """What one record contributes to each candidate it concerns: mirrored to it, or skipped for it.
-    With ``semantic``, its pairs' semantic scores (or fallbacks) are counted beside the lexical ones."""
+    With ``semantic``, its pairs' semantic scores (or fallbacks) are counted beside the lexical ones; with
+    ``judged``, the judge's verdicts on its pairs (the A/A pair's in every candidate's contribution)."""
     incumbent, candidates, noise = _arms(record)
     names = sorted(candidates.keys() | {n for n in record.skipped if n != "incumbent"}) or [NO_CANDIDATE]
     noise_metrics = None
@@ -171,7 +187,26 @@ def contributions(record: Record, settings: Settings, semantic: Semantic | None 
             _semantic_counters(item.counters, semantic, pair_key(record.request_id, item.segment.candidate), "cand")
             if noise_metrics is not None:
                 _semantic_counters(item.counters, semantic, pair_key(record.request_id, None), "aa")
+    if judged is not None:
+        for item in found:
+            _judge_counters(item.counters, judged, pair_key(record.request_id, item.segment.candidate), "cand")
+            _judge_counters(item.counters, judged, pair_key(record.request_id, None), "aa")
     return found
+
+
+# Judge counters (``judge.py``): judge:cand:win|loss|tie, judge:aa:first|second|tie, judge:pos:A|B|tie
+# (the position picked, over every judged pair), judge_cost (what the judge charged) and
+# judge_skipped:<reason> for pairs sampled but not judged.
+def _judge_counters(c: dict[str, float], judged: Judged, key: PairKey, arm: str) -> None:
+    outcome = judged.outcomes.get(key)
+    if outcome is not None:
+        c[f"judge:{arm}:{outcome}"] = 1
+        position = f"judge:pos:{judged.positions.get(key, 'tie')}"
+        c[position] = c.get(position, 0) + 1
+        c["judge_cost"] = c.get("judge_cost", 0.0) + judged.cost.get(key, 0.0)
+    elif (reason := judged.skipped.get(key)) is not None:
+        name = f"judge_skipped:{reason}"
+        c[name] = c.get(name, 0) + 1
 
 
 def contribution(

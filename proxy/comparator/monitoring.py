@@ -24,7 +24,7 @@ from . import sequential as sq
 from .aggregate import RELATIVE_ACCURACY, similarity_histogram
 from .divergence import tail_counts
 from .intervals import sketch_arrays
-from .verdict import INCONCLUSIVE, SKIPPED, Gate, _errors
+from .verdict import INCONCLUSIVE, SKIPPED, Gate, _errors, has_judge_data, judge_counts, judge_skipped_rule
 
 Histogram = Mapping[int, float]
 
@@ -220,14 +220,45 @@ def satisfaction_gate(
     return _decided(gate, bounds, -drop_max, cfg, plan, t_star, higher_is_worse=False, min_pairs=min_feedback)
 
 
+def judge_gate(counters: Mapping[str, float], cfg: GatesConfig, plan: sq.AlphaPlan, t_star: float) -> Gate:
+    """The candidate's win rate among non-tie judged pairs minus 50%, on an exact proportion CS (higher is better)."""
+    wins, losses, ties = judge_counts(counters)
+    n = wins + losses
+    gate = Gate(
+        "judge",
+        SKIPPED,
+        "win rate(candidate) - 50% among non-tie judged pairs",
+        wins / n - 0.5 if n else None,
+        None,
+        n,
+        -cfg.judge_margin_pp / 100.0,
+        "fraction",
+        judge_skipped_rule(counters),
+    )
+    gate.details = {"wins": wins, "losses": losses, "ties": ties}
+    if not n and not ties:
+        return gate
+
+    def cs(alpha: float) -> sq.Interval:
+        low, high = sq.proportion_cs(n, wins, alpha, t_star)
+        return low - 0.5, high - 0.5
+
+    bounds = sq.gate_cs(cs, plan, higher_is_worse=False)
+    threshold = -cfg.judge_margin_pp / 100.0
+    return _decided(gate, bounds, threshold, cfg, plan, t_star, higher_is_worse=False, min_pairs=cfg.judge_min_pairs)
+
+
 def evaluate(
     counters: Mapping[str, float], cfg: GatesConfig, plan: sq.AlphaPlan, t_star: float, reference: Histogram | None
 ) -> list[Gate]:
-    """Every gate the controller watches, on confidence sequences."""
-    return [
+    """Every gate the controller watches, on confidence sequences (the judge's only where a judge looked)."""
+    gates = [
         latency_gate(counters, cfg, plan, t_star, 50),
         latency_gate(counters, cfg, plan, t_star, 99),
         error_gate(counters, cfg, plan, t_star),
         divergence_gate(counters, cfg, plan, t_star, reference),
         cost_gate(counters, cfg, plan, t_star),
     ]
+    if has_judge_data(counters):
+        gates.append(judge_gate(counters, cfg, plan, t_star))
+    return gates

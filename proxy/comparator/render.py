@@ -59,6 +59,14 @@ def render(report: dict[str, Any], console: Console) -> None:
         "-" if d["noise_mean_similarity"] is None else f"{d['noise_mean_similarity']:.3f}",
         "-" if d["mean_similarity"] is None else f"{d['mean_similarity']:.3f}",
     )
+    judge = s.get("judge") or {}
+    if judge.get("judged_pairs"):
+        calibration = judge["calibration"]
+        facts.add_row(
+            "judge: A/A first-shown share vs candidate win rate",
+            _pct(calibration["first_share"]),
+            f"{_pct(judge['win_rate'])} of {judge['wins'] + judge['losses']}",
+        )
     console.print(facts)
     if console.width < WIDE:
         _gates_as_lines(report, console)

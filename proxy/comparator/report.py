@@ -17,7 +17,7 @@ from . import sequential as sq
 from .aggregate import MAPPING, NO_CANDIDATE, merge, quantiles, similarity_histogram
 from .similarity import bucket_value
 from .store import WindowData
-from .verdict import Gate, correct_segments, evaluate, overall, satisfaction_gate
+from .verdict import Gate, correct_segments, evaluate, judge_counts, overall, satisfaction_gate
 
 REPORT_VERSION = 2  # 2: one candidate's report with every candidate's verdict (docs/report.md)
 
@@ -64,7 +64,7 @@ def _answers(counters: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def summary(counters: dict[str, float]) -> dict[str, Any]:
+def summary(counters: dict[str, float], confidence: float = 0.95) -> dict[str, Any]:
     """Everything measured for one slice of traffic, from its merged counters."""
     n = counters.get("n", 0)
     cost_n = {arm: counters.get(f"cost_n:{arm}", 0) for arm in ("inc", "cand")}
@@ -127,6 +127,39 @@ def summary(counters: dict[str, float]) -> dict[str, Any]:
             "truncated_pairs": int(counters.get("truncated", 0)),
         },
         "answers": _answers(counters),
+        "judge": judge_summary(counters, confidence),
+    }
+
+
+def judge_summary(counters: dict[str, float], confidence: float = 0.95) -> dict[str, Any]:
+    """The pairwise judge's figures (docs/report.md): the candidate's wins, losses and ties with the win rate
+    among non-tie pairs and its exact interval, the A/A calibration and the judge's position bias."""
+    wins, losses, ties = judge_counts(counters)
+    n = wins + losses
+    interval = None
+    if n:
+        ci = stats.binomtest(wins, n).proportion_ci(confidence_level=confidence, method="exact")
+        interval = [round(float(ci.low), 6), round(float(ci.high), 6)]
+    first, second, aa_ties = (int(counters.get(f"judge:aa:{o}", 0)) for o in ("first", "second", "tie"))
+    picked_a, picked_b = counters.get("judge:pos:A", 0), counters.get("judge:pos:B", 0)
+    return {
+        "judged_pairs": wins + losses + ties,
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "win_rate": _rate(wins, n),
+        "win_rate_interval": interval,
+        "calibration": {
+            "pairs": first + second + aa_ties,
+            "first": first,
+            "second": second,
+            "ties": aa_ties,
+            "first_share": _rate(first, first + second),
+        },
+        # Share of non-tie verdicts, over every judged pair, that picked the answer shown first (A): 0.5 is none.
+        "position_bias": _rate(picked_a, picked_a + picked_b),
+        "skipped": _by_prefix(counters, "judge_skipped:"),
+        "cost": round(counters.get("judge_cost", 0.0), 6),
     }
 
 
@@ -362,7 +395,7 @@ def _build_one(
             {
                 "id": segment_id,
                 "segment": segments.get(segment_id, {}),
-                "summary": summary(counters),
+                "summary": summary(counters, cfg.gates.confidence),
             }
         )
     correct_segments(segment_gates, cfg.gates.fdr)
@@ -371,7 +404,10 @@ def _build_one(
     return {
         "generated_at": time.time(),
         "range": {"since": since, "until": until, "windows": len({w.window for w in windows})},
-        "summary": {**summary(total), "satisfaction": satisfaction_summary(feedback or {}, cfg.gates.confidence)},
+        "summary": {
+            **summary(total, cfg.gates.confidence),
+            "satisfaction": satisfaction_summary(feedback or {}, cfg.gates.confidence),
+        },
         "verdict": {"outcome": overall(gates), "gates": [g.as_dict() for g in gates]},
         "segments": [
             {**s, "verdict": overall(g), "gates": [gate.as_dict() for gate in g]}

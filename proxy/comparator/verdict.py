@@ -7,6 +7,8 @@
   once n suffices; it never passes on a zero baseline because the candidate's upper bound must clear it.
 - Divergence: candidate-vs-incumbent similarity scores against the incumbent's own A/A scores, by the
   share of pairs below the A/A's low quantiles and a Hodges-Lehmann shift (``divergence.py``).
+- Judge: the candidate's win rate among non-tie judged pairs minus 50%, exact Clopper-Pearson interval,
+  against a margin (``judge.py``); present only where a judge looked.
 - Cost: delta-method interval of the ratio of mean cost per request over every pair priced on both arms.
 Outcomes: pass (the whole interval is on the good side of the threshold), fail (the whole interval is
 on the bad side), inconclusive (it straddles, or n is below the gate's minimum) with an estimate of
@@ -16,7 +18,7 @@ how many more pairs would decide it. Segment verdicts are corrected with Benjami
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -291,15 +293,73 @@ def cost_gate(counters: dict[str, float], cfg: GatesConfig) -> Gate:
     return _decide(gate, (ratio.low, ratio.high), cfg.cost_ratio_max, cfg.min_pairs)
 
 
+def has_judge_data(counters: Mapping[str, float]) -> bool:
+    """Whether a judge looked at this slice at all (verdicts or pairs it skipped)."""
+    return any(k.startswith(("judge:", "judge_skipped:")) and v for k, v in counters.items())
+
+
+def judge_counts(counters: Mapping[str, float]) -> tuple[int, int, int]:
+    """(candidate wins, losses, ties) among the pairs the judge decided."""
+    return tuple(int(counters.get(f"judge:cand:{o}", 0)) for o in ("win", "loss", "tie"))  # type: ignore[return-value]
+
+
+def judge_skipped_rule(counters: Mapping[str, float]) -> str:
+    skipped = {k.partition(":")[2]: int(v) for k, v in sorted(counters.items()) if k.startswith("judge_skipped:")}
+    shown = ", ".join(f"{reason} {n}" for reason, n in skipped.items()) or "none"
+    return f"no pair judged (sampled pairs skipped: {shown})"
+
+
+def judge_gate(counters: dict[str, float], cfg: GatesConfig) -> Gate:
+    """Candidate win rate among non-tie judged pairs minus 50%, exact (Clopper-Pearson) interval: fails when
+    the whole interval is below -judge_margin_pp, passes when the whole interval is at or above it."""
+    wins, losses, ties = judge_counts(counters)
+    n = wins + losses
+    margin = cfg.judge_margin_pp / 100.0
+    gate = Gate(
+        "judge",
+        SKIPPED,
+        "win rate(candidate) - 50% among non-tie judged pairs, exact interval",
+        round(wins / n - 0.5, 6) if n else None,
+        None,
+        n,
+        -margin,
+        "fraction",
+        judge_skipped_rule(counters),
+    )
+    gate.details = {"wins": wins, "losses": losses, "ties": ties, "threshold_pp": cfg.judge_margin_pp}
+    if not n and not ties:
+        return gate
+    low, high = _clopper_pearson(wins, n, cfg.confidence)
+    gate.outcome = INCONCLUSIVE
+    gate.interval = (round(low - 0.5, 6), round(high - 0.5, 6))
+    if n:  # one-sided: is the win rate below 50% - margin?
+        gate.p_value = float(stats.binomtest(wins, n, 0.5 - margin, alternative="less").pvalue)
+    if n < cfg.judge_min_pairs:
+        gate.rule = f"n={n} non-tie judged pairs, below the gate minimum of {cfg.judge_min_pairs}"
+        gate.need_more_pairs = cfg.judge_min_pairs - n
+    elif gate.interval[1] < -margin:
+        gate.outcome, gate.rule = FAIL, f"whole interval below -{margin:.4g} (the judge prefers the incumbent)"
+    elif gate.interval[0] >= -margin:
+        gate.outcome, gate.rule = PASS, f"whole interval at or above -{margin:.4g}"
+    else:
+        gate.rule = f"interval [{gate.interval[0]:.4g}, {gate.interval[1]:.4g}] straddles -{margin:.4g}"
+        if gate.estimate is not None:
+            gate.need_more_pairs = _need_more(n, gate.interval, gate.estimate, -margin)
+    return gate
+
+
 def evaluate(counters: dict[str, float], pairs: Sequence[Sequence[float]], cfg: GatesConfig) -> list[Gate]:
-    """Every gate for one slice of traffic."""
-    return [
+    """Every gate for one slice of traffic (the judge's only where a judge looked at it)."""
+    gates = [
         latency_gate(counters, pairs, cfg, 50),
         latency_gate(counters, pairs, cfg, 99),
         error_gate(counters, cfg),
         divergence_gate(counters, cfg),
         cost_gate(counters, cfg),
     ]
+    if has_judge_data(counters):
+        gates.append(judge_gate(counters, cfg))
+    return gates
 
 
 def overall(gates: Sequence[Gate]) -> str:

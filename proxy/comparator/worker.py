@@ -18,7 +18,8 @@ import structlog
 
 from ..config import Config, UpstreamConfig
 from ..store import Keys, StoreUnavailable
-from .aggregate import Contribution, Semantic, Settings, contributions
+from .aggregate import Contribution, Judged, Semantic, Settings, contributions
+from .judge import Judge
 from .metrics import Tolerance
 from .parse import PoisonRecord, Record, parse_record
 from .pricing import PriceBook
@@ -39,6 +40,8 @@ class Progress:
     reclaimed: int = 0
     parse_errors: dict[str, int] = field(default_factory=dict)  # reason -> answers with that unreadable part
     semantic_fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> batches scored lexically only
+    judged: int = 0  # pairs the judge gave a verdict on
+    judge_skipped: dict[str, int] = field(default_factory=dict)  # reason -> sampled pairs left unjudged
     started: float = field(default_factory=time.time)
 
 
@@ -90,6 +93,7 @@ class Worker:
         self.progress = Progress()
         self._stopping = asyncio.Event()
         self._semantic = SemanticScorer(compare.semantic) if compare.semantic.url else None
+        self._judge = Judge(compare.judge) if compare.judge.url else None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -101,6 +105,8 @@ class Worker:
         finally:
             if self._semantic is not None:
                 await self._semantic.close()
+            if self._judge is not None:
+                await self._judge.close()
 
     async def _run(self, *, burst: bool) -> Progress:
         await self.store.ensure_group()
@@ -148,7 +154,8 @@ class Worker:
             self._count_parse_errors(record)
             parsed.append(record)
         semantic = await self._semantic_scores(parsed)
-        found: list[Contribution] = [c for r in parsed for c in contributions(r, self._settings, semantic)]
+        judged = await self._judge_verdicts(parsed)
+        found: list[Contribution] = [c for r in parsed for c in contributions(r, self._settings, semantic, judged)]
         applied = await self.store.apply(found)
         # Acknowledge only after the aggregates are durably written (at least once).
         await self.store.ack([entry_id for entry_id, _ in entries])
@@ -167,6 +174,18 @@ class Worker:
             log.warning("semantic_fallback", reason=reason, pairs=len(semantic.fallbacks))
         return semantic
 
+    async def _judge_verdicts(self, records: list[Record]) -> Judged | None:
+        """The judge's verdicts on the batch's sampled pairs when a judge is configured; skips are counted."""
+        if self._judge is None or not records:
+            return None
+        judged = await self._judge.verdicts(records)
+        self.progress.judged += len(judged.outcomes)
+        for reason in judged.skipped.values():
+            self.progress.judge_skipped[reason] = self.progress.judge_skipped.get(reason, 0) + 1
+        if judged.skipped:
+            log.warning("judge_skipped", reasons=sorted(set(judged.skipped.values())), pairs=len(judged.skipped))
+        return judged
+
     def _count_parse_errors(self, record: Record) -> None:
         errors = self.progress.parse_errors
         for arm in record.arms.values():
@@ -184,6 +203,8 @@ class Worker:
             "reclaimed": p.reclaimed,
             "parse_errors": dict(p.parse_errors),
             "semantic_fallbacks": dict(p.semantic_fallbacks),
+            "judged": p.judged,
+            "judge_skipped": dict(p.judge_skipped),
         }
 
     async def _heartbeat(self) -> None:
