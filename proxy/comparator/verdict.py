@@ -178,10 +178,13 @@ def latency_gate(counters: dict[str, float], pairs: Sequence[Sequence[float]], c
         gate.details["median_paired_delta_ms"] = round(float(np.median(deltas)), 3)
         gate.details["wilcoxon_p"] = float(stats.wilcoxon(deltas).pvalue) if np.any(deltas != 0) else 1.0
     _decide(gate, interval, round(threshold, 3), cfg.min_pairs)
-    if gate.outcome == INCONCLUSIVE and not math.isfinite(cand.high) and not cand.censored:
-        # Too few pairs to bound a high quantile at all: all n below x_q has probability q^n.
-        tail = (1.0 - joint) / 2.0
-        gate.need_more_pairs = max(1, math.ceil(math.log(tail) / math.log(q / 100.0)) - n)
+    if cand.censored:
+        gate.rule += f"; the candidate's p{q} is among answers that never came: at least {cand.estimate:.0f} ms"
+    tail = (1.0 - joint) / 2.0
+    bounded_after = math.ceil(math.log(tail) / math.log(q / 100.0))  # all n below x_q has probability q^n
+    if gate.outcome == INCONCLUSIVE and not all(map(math.isfinite, interval)) and n < bounded_after:
+        gate.need_more_pairs = max(1, bounded_after - n)
+        gate.rule += f"; a p{q} has an upper bound only from {bounded_after} pairs"
     return gate
 
 
