@@ -280,7 +280,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         )
     )
     if args.json:
-        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2) + b"\n")
     else:
         render(report, Console())
     return EXIT_OK

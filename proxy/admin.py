@@ -106,26 +106,27 @@ async def report(request: web.Request) -> web.Response:
         # A dashboard polls every few seconds: serve a recent report rather than rebuild it each time.
         cached = source.cache.get(key)
         if cached is not None and time.monotonic() - cached[0] < runtime.config.admin.report_cache_seconds:
-            return _json(cached[1])
-        try:
-            body = await report_from(
-                reader,
-                runtime.config,
-                since_seconds=since,
-                segment_filter=filters,
-                builder=runtime.reports,
-                candidate=candidate,
-            )
-        except (RedisError, OSError) as exc:
-            return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
-        source.cache = {key: (time.monotonic(), body)}
-    known = {c.name for c in runtime.config.candidate} | {c["name"] for c in body["candidates"]}
+            report_ = cached[1]
+        else:
+            try:
+                report_ = await report_from(
+                    reader,
+                    runtime.config,
+                    since_seconds=since,
+                    segment_filter=filters,
+                    builder=runtime.reports,
+                    candidate=candidate,
+                )
+            except (RedisError, OSError) as exc:
+                return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
+            source.cache = {key: (time.monotonic(), report_)}
+    known = {c.name for c in runtime.config.candidate} | {c.name for c in report_.candidates}
     if candidate is not None and candidate not in known:
         message = (
             f"no candidate named {candidate!r}: configured or seen in range are {', '.join(sorted(known)) or 'none'}"
         )
         return _json({"error": {"message": message, "type": "unknown_candidate"}}, 404)
-    return _json(body)
+    return _json(report_.as_json())
 
 
 def _authorised(request: web.Request) -> web.Response | None:

@@ -14,7 +14,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .comparator.render import render
+from .comparator.report_model import Report
 from .comparator.service import load_report
 from .comparator.worker import Worker
 from .config import Config, load_config
@@ -175,7 +175,7 @@ async def traffic(port: int, requests: int, rate: float, console: Console) -> in
     return answered
 
 
-async def run_demo(*, requests: int, rate: float, keep_running: bool, console: Console) -> dict[str, Any]:
+async def run_demo(*, requests: int, rate: float, keep_running: bool, console: Console) -> Report:
     """Start everything, send traffic, compare, print the report; returns it."""
     with tempfile.TemporaryDirectory(prefix="shadow-proxy-demo-") as tmp:
         redis_server = EmbeddedRedis(Path(tmp) / "redis", persist=False)

@@ -14,6 +14,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
+from .comparator.report_model import Report
 from .comparator.store import AggregateReader
 from .metrics import Metrics
 from .store import StoreUnavailable
@@ -89,25 +90,27 @@ async def redis_families(reader: AggregateReader, group: str, within: float = 1.
         for reason, count in (worker.get("judge_skipped") or {}).items():
             judge_skipped.add_metric([consumer, str(reason)], float(count))
     families += [backlog, stream, applied, parse_errors, fallbacks, judged, judge_skipped]
-    if verdict:
-        gates = GaugeMetricFamily(
-            "shadow_proxy_verdict_gate",
-            "Latest stored verdict per gate: 1 pass, 0.5 inconclusive, 0 fail, -1 skipped.",
-            labels=["gate"],
-        )
-        for gate in verdict.get("verdict", {}).get("gates", []):
-            gates.add_metric([gate["name"]], OUTCOME_VALUE.get(gate["outcome"], 0.5))
-        overall = GaugeMetricFamily("shadow_proxy_verdict", "Latest stored overall verdict (same values).")
-        overall.add_metric([], OUTCOME_VALUE.get(verdict.get("verdict", {}).get("outcome", ""), 0.5))
-        per_candidate = GaugeMetricFamily(
-            "shadow_proxy_verdict_candidate",
-            "Latest stored verdict of each candidate (same values).",
-            labels=["candidate"],
-        )
-        for item in verdict.get("candidates", []):
-            per_candidate.add_metric([str(item["name"])], OUTCOME_VALUE.get(item["verdict"], 0.5))
-        families += [gates, overall, per_candidate]
+    if verdict is not None:
+        families += _verdict_families(verdict)
     return families
+
+
+def _verdict_families(report: Report) -> list[Metric]:
+    gates = GaugeMetricFamily(
+        "shadow_proxy_verdict_gate",
+        "Latest stored verdict per gate: 1 pass, 0.5 inconclusive, 0 fail, -1 skipped.",
+        labels=["gate"],
+    )
+    for gate in report.verdict.gates:
+        gates.add_metric([gate.name], OUTCOME_VALUE.get(gate.outcome, 0.5))
+    overall = GaugeMetricFamily("shadow_proxy_verdict", "Latest stored overall verdict (same values).")
+    overall.add_metric([], OUTCOME_VALUE.get(report.verdict.outcome, 0.5))
+    per_candidate = GaugeMetricFamily(
+        "shadow_proxy_verdict_candidate", "Latest stored verdict of each candidate (same values).", labels=["candidate"]
+    )
+    for item in report.candidates:
+        per_candidate.add_metric([item.name], OUTCOME_VALUE.get(item.verdict, 0.5))
+    return [gates, overall, per_candidate]
 
 
 def registry_for_scrape(metrics: Metrics, snapshot: list[Metric]) -> CollectorRegistry:

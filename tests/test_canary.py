@@ -232,7 +232,7 @@ async def test_feedback_joins_to_the_arm_that_served(upstreams, proxies, redis_u
     expected = {arm: sum(1 for a in served.values() if a == arm) for arm in ("incumbent", "candidate")}
     assert {arm: counters.get(f"scored:{arm}") for arm in expected} == {k: float(v) for k, v in expected.items()}
     config = make_config(record={"redis_url": redis_url}, compare=FAST)
-    report = await load_report(config, redis_url, since_seconds=600)
+    report = (await load_report(config, redis_url, since_seconds=600)).as_json()
     satisfaction = report["summary"]["satisfaction"]
     assert {arm: satisfaction[arm]["scored"] for arm in expected} == expected
     assert satisfaction["candidate"]["mean_score"] == 0.8

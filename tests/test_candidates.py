@@ -30,7 +30,7 @@ async def compare_all(config: Config, redis_url: str, candidate: str | None = No
         await worker.run(burst=True)
     finally:
         await worker.store.close()
-    return await load_report(config, redis_url, since_seconds=3600, candidate=candidate)
+    return (await load_report(config, redis_url, since_seconds=3600, candidate=candidate)).as_json()
 
 
 async def post_json(port: int, path: str, body: dict[str, Any], n: int = 1, **headers: str) -> list[int]:
@@ -251,7 +251,7 @@ async def test_two_candidates_get_their_own_verdicts_on_the_same_requests(upstre
     assert len(ids) == 40 and len(slow.requests) == len(failing.requests) == 40
     config = make_config(**sections, record={"redis_url": redis_url}, compare={"gates": gates})
     slow_report = await compare_all(config, redis_url, candidate="slow")
-    failing_report = await load_report(config, redis_url, since_seconds=3600, candidate="failing")
+    failing_report = (await load_report(config, redis_url, since_seconds=3600, candidate="failing")).as_json()
     slow_gates = {g["name"]: g["outcome"] for g in slow_report["verdict"]["gates"]}
     failing_gates = {g["name"]: g["outcome"] for g in failing_report["verdict"]["gates"]}
     assert slow_report["summary"]["pairs"] == failing_report["summary"]["pairs"] == 40
@@ -383,7 +383,7 @@ async def test_feedback_counts_only_for_the_candidate_the_canary_serves(redis_ur
     )
     candidates = [{"name": "a", "url": "http://127.0.0.1:1"}, {"name": "b", "url": "http://127.0.0.1:2"}]
     config = make_config(record={"redis_url": redis_url}, candidate=candidates, canary={"candidate": "a"})
-    served = await load_report(config, redis_url, since_seconds=600, candidate="a")
-    other = await load_report(config, redis_url, since_seconds=600, candidate="b")
+    served = (await load_report(config, redis_url, since_seconds=600, candidate="a")).as_json()
+    other = (await load_report(config, redis_url, since_seconds=600, candidate="b")).as_json()
     assert served["summary"]["satisfaction"]["candidate"]["scored"] == 4
     assert other["summary"]["satisfaction"]["candidate"]["scored"] == 0

@@ -93,7 +93,7 @@ async def run_scenario(
     worker = Worker(config, redis_url)
     await worker.run(burst=True)
     await worker.store.close()
-    return await load_report(config, redis_url, since_seconds=3600)
+    return (await load_report(config, redis_url, since_seconds=3600)).as_json()
 
 
 def gates(report: dict[str, Any]) -> dict[str, dict[str, Any]]:

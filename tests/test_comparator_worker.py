@@ -59,7 +59,7 @@ async def _burst(redis_url: str, **compare: Any):  # type: ignore[no-untyped-def
 
 
 async def _pairs(redis_url: str) -> int:
-    report = await load_report(_config(redis_url), redis_url, since_seconds=3600)
+    report = (await load_report(_config(redis_url), redis_url, since_seconds=3600)).as_json()
     return int(report["summary"]["pairs"])
 
 
@@ -198,7 +198,7 @@ async def test_truncated_candidate_stream_is_an_error_for_that_arm(upstreams, pr
                 await resp.read()
     await eventually(lambda: proxy.runtime.metrics.value("shadow_proxy_records_written_total") == 5)
     await _burst(redis_url)
-    report = await load_report(_config(redis_url), redis_url, since_seconds=3600)
+    report = (await load_report(_config(redis_url), redis_url, since_seconds=3600)).as_json()
     errors = report["summary"]["errors"]
     assert errors["candidate"]["by_class"] == {"truncated_stream": 5}
     assert errors["incumbent"]["by_class"] == {} and errors["candidate_only"] == 5

@@ -21,7 +21,7 @@ async def _report(sections: dict[str, object], redis_url: str) -> dict[str, obje
         await worker.run(burst=True)
     finally:
         await worker.store.close()
-    return await load_report(config, redis_url, since_seconds=3600)
+    return (await load_report(config, redis_url, since_seconds=3600)).as_json()
 
 
 async def test_two_requests_with_one_client_id_are_two_records(upstreams, proxies, redis_url, redis_client) -> None:

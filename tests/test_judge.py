@@ -81,7 +81,7 @@ async def burst(worker: Worker) -> None:
 
 
 async def report_for(config: Config, redis_url: str, candidate: str) -> dict[str, Any]:
-    return dict(await load_report(config, redis_url, since_seconds=3600, candidate=candidate))
+    return (await load_report(config, redis_url, since_seconds=3600, candidate=candidate)).as_json()
 
 
 def judge_gate(report: dict[str, Any]) -> dict[str, Any]:

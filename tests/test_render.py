@@ -21,7 +21,7 @@ def _rendered(width: int) -> str:
 def test_at_80_columns_every_gate_name_outcome_and_rule_is_whole() -> None:
     """No gate name, outcome or rule is cut with an ellipsis at 80 columns."""
     text = _rendered(80)
-    report = build([], {}, CompareConfig(), since=0.0, until=60.0)
+    report = build([], {}, CompareConfig(), since=0.0, until=60.0).as_json()
     for gate in report["verdict"]["gates"]:
         assert gate["name"] in text and gate["outcome"].upper() in text
         words = gate["rule"].split()

@@ -128,5 +128,5 @@ async def test_records_and_totals_stay_exact_through_restarts(upstreams, redis_u
     assert len(answered) > 200
     assert len(recorded) == len(set(recorded)), "a request was recorded twice"
     assert set(recorded) == answered, "answered and recorded requests differ"
-    report = await load_report(make_config(record={"redis_url": redis_url}), redis_url, since_seconds=3600)
+    report = (await load_report(make_config(record={"redis_url": redis_url}), redis_url, since_seconds=3600)).as_json()
     assert report["summary"]["pairs"] == len(answered)

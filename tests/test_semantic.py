@@ -88,7 +88,7 @@ async def burst(worker: Worker) -> None:
 
 
 async def report_for(config: Config, redis_url: str, candidate: str) -> dict[str, Any]:
-    report = await load_report(config, redis_url, since_seconds=3600, candidate=candidate)
+    report = (await load_report(config, redis_url, since_seconds=3600, candidate=candidate)).as_json()
     return dict(report["summary"]["divergence"])
 
 

@@ -80,9 +80,9 @@ class Controller:
         report = await self.builder.build(
             windows, segments, compare, since=state.stage_started, until=now, candidate=name, monitor=monitor
         )
-        gates = {g["name"]: g for g in report["verdict"]["gates"]}
+        gates = {g.name: g.model_dump(mode="json") for g in report.verdict.gates}
         gates["satisfaction"] = (await self._satisfaction(state, now)).as_dict()
-        pairs = int(report["summary"]["pairs"])
+        pairs = report.summary.pairs
         evidence = {
             "pairs": pairs,
             "window": [state.stage_started, now],

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from .report import build
+from .report_model import Report
 
 
 class ReportBuilder:
@@ -27,7 +28,7 @@ class ReportBuilder:
         self._offload = offload
         self._pool: ProcessPoolExecutor | None = None
 
-    async def build(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    async def build(self, *args: Any, **kwargs: Any) -> Report:
         if not self._offload:
             return build(*args, **kwargs)
         if self._pool is None:

@@ -15,6 +15,7 @@ from ..config import CompareConfig
 from . import monitoring
 from . import sequential as sq
 from .aggregate import MAPPING, NO_CANDIDATE, merge, quantiles, similarity_histogram
+from .report_model import Report
 from .similarity import bucket_value
 from .store import WindowData
 from .verdict import Gate, correct_segments, evaluate, judge_counts, overall, satisfaction_gate
@@ -298,7 +299,7 @@ def build(
     satisfaction_drop_max: float = 0.05,
     candidate: str | None = None,
     monitor: Monitor | None = None,
-) -> dict[str, Any]:
+) -> Report:
     """The report of one candidate against the incumbent (``candidate``, else the first one seen) for the
     windows in range (optionally only segments matching the filter), with every candidate's verdict."""
     if segment_filter:
@@ -321,7 +322,7 @@ def build(
         satisfaction_drop_max=satisfaction_drop_max,
         monitor=monitor,
     )
-    return {"version": REPORT_VERSION, "candidate": selected, "candidates": others, **report}
+    return Report.model_validate({"version": REPORT_VERSION, "candidate": selected, "candidates": others, **report})
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from ..config import Config, canary_candidate
 from ..store import Keys
 from .offload import INLINE, ReportBuilder
+from .report_model import Report
 from .store import AggregateReader
 
 
@@ -19,7 +19,7 @@ async def report_from(
     segment_filter: dict[str, str] | None = None,
     builder: ReportBuilder = INLINE,
     candidate: str | None = None,
-) -> dict[str, Any]:
+) -> Report:
     """Build one candidate's report for the last `since_seconds` (default: the canary's candidate, else the
     first configured) and store it as the latest verdict when it is the default view."""
     until = time.time()
@@ -44,10 +44,11 @@ async def report_from(
         satisfaction_drop_max=config.canary.satisfaction_drop_max,
         candidate=chosen,
     )
-    report["workers"] = await reader.workers()
-    report["pending"] = await reader.pending(config.compare.group)
+    report = report.model_copy(
+        update={"workers": await reader.workers(), "pending": await reader.pending(config.compare.group)}
+    )
     if not segment_filter and not candidate:
-        await reader.save_verdict(report, config.compare.window_ttl)
+        await reader.save_verdict(report.as_json(), config.compare.window_ttl)
     return report
 
 
@@ -64,7 +65,7 @@ async def load_report(
     since_seconds: float,
     segment_filter: dict[str, str] | None = None,
     candidate: str | None = None,
-) -> dict[str, Any]:
+) -> Report:
     reader = AggregateReader(
         redis_url, Keys(config.record.namespace, config.record.stream), socket_timeout=config.record.socket_timeout
     )

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 from redis.exceptions import RedisError, ResponseError
 
 from ..store import Keys, StoreUnavailable, connect
 from .aggregate import Contribution
+from .report_model import Report
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -304,9 +306,15 @@ class AggregateReader:
     async def stream_length(self) -> int:
         return int(await self._redis.xlen(self.keys.records))
 
-    async def latest_verdict(self) -> dict[str, Any] | None:
+    async def latest_verdict(self) -> Report | None:
+        """The last stored report; None when there is none, or it was written by an older version."""
         raw = await self._redis.get(self.keys.verdict)
-        return None if raw is None else orjson.loads(raw)
+        if raw is None:
+            return None
+        try:
+            return Report.model_validate_json(raw)
+        except ValidationError:
+            return None
 
     async def pending(self, group: str) -> int | None:
         try:
