@@ -347,7 +347,7 @@ class CompareConfig(_Section):
     examples_per_window: int = Field(default=10, ge=0)
     dead_letter_maxlen: int = Field(default=10_000, ge=1)
     health_ttl: int = Field(default=30, ge=1)
-    noise_sample_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    noise_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
     ignore_paths: tuple[str, ...] = ("id", "created", "system_fingerprint", "usage", "model")
     abs_tolerance: float = Field(default=1e-6, ge=0.0)
     rel_tolerance: float = Field(default=1e-3, ge=0.0)
