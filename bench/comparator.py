@@ -24,7 +24,7 @@ Timing: every worker process imports, builds its ``Worker`` and reports ready; t
 together. ``wall`` runs from that start to the return of the last ``run(burst=True)``; it includes
 the burst mode's final idle turn (one 0.2 s sleep) and final heartbeat. ``drain`` ends at the last
 ``XACK`` instead. pairs/s = pairs applied / wall. After each run the aggregates are checked: the
-``n`` counters of ``{shadow}:agg:*`` and ``load_report(...)["summary"]["pairs"]`` must both equal N.
+``n`` counters of ``{shadow}:agg:*`` and ``load_report(...).summary.pairs`` must both equal N.
 
 Another benchmark (``bench/live_path.py``) may share this 2-core machine: before each measured run
 this script waits (polling every 10 s, up to 10 minutes) until ``pgrep -f live_path.py`` finds
@@ -444,7 +444,7 @@ def verify(client: redis.Redis, config: Config, url: str, n: int) -> dict[str, A
         agg_n += float(values[0] or 0)
         agg_records += float(values[1] or 0)
         windows += 1
-    report = uvloop.run(load_report(config, url, since_seconds=86400))
+    report = uvloop.run(load_report(config, url, since_seconds=86400)).as_json()
     summary = report["summary"]
     pending = client.xpending(keys.records, config.compare.group)
     dead = client.xlen(keys.dead_letter)
