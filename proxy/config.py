@@ -105,6 +105,13 @@ _UNSHAPEABLE = HOP_BY_HOP | REQUEST_REPLACED
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
 
 
+def http_url(value: str, example: str) -> str:
+    """An http(s) URL without its trailing slash; empty stays empty (the feature is off)."""
+    if value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        raise ValueError(f"expected an http:// or https:// URL such as {example}")
+    return value.rstrip("/")
+
+
 def _resolve(template: str, environ: Mapping[str, str], where: str) -> str:
     """Expand ${VAR} (an environment variable) and ${file:PATH} (a mounted secret, trailing newline dropped)."""
 
@@ -145,9 +152,7 @@ class UpstreamConfig(_Section):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
-            raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:8000")
-        return value.rstrip("/")
+        return http_url(value, "http://127.0.0.1:8000")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -299,9 +304,7 @@ class _Endpoint(_Section):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
-            raise ValueError("expected an http:// or https:// base URL such as http://127.0.0.1:8000/v1")
-        return value.rstrip("/")
+        return http_url(value, "http://127.0.0.1:8000/v1")
 
     @field_validator("api_key", mode="before")
     @classmethod

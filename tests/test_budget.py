@@ -197,3 +197,25 @@ async def test_without_recording_a_budget_still_counts_long_answers(upstreams, p
     await eventually(lambda: metrics.value("shadow_proxy_mirror_spend_total", target="candidate") > 0)
     # about 300 KB of "word " * 20 events: 20 tokens per ~170-byte event, so some 35,000 output tokens
     assert 25.0 < metrics.value("shadow_proxy_mirror_spend_total", target="candidate") < 50.0
+
+
+async def test_with_redis_down_the_budget_holds_locally_and_syncs_later(redis_url) -> None:
+    """A sync against a Redis that refuses keeps this process's spend for the next one; nothing raises."""
+    from proxy.budget import SpendSync
+    from proxy.embedded_redis import free_port
+    from proxy.store import Keys, RecordStore
+
+    ledger = SpendLedger(budget_per_hour=1.0)
+    down = RecordStore(f"redis://127.0.0.1:{free_port('127.0.0.1')}/0", Keys("shadow"), maxlen=10, socket_timeout=0.5)
+    now = time.time()
+    ledger.add(2.0, now)
+    await SpendSync(down, {"c": ledger}).sync(now)
+    await down.close()
+    assert ledger.exhausted(now)  # still held to the budget on what it knows
+    up = RecordStore(redis_url, Keys("shadow"), maxlen=10, socket_timeout=2.0)
+    try:
+        await SpendSync(up, {"c": ledger}).sync(now)
+        assert ledger.take_unsynced() == {}  # the kept spend reached Redis once it answered
+        assert ledger.spent(now) == pytest.approx(2.0)
+    finally:
+        await up.close()

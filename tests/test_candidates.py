@@ -27,9 +27,10 @@ async def compare_all(config: Config, redis_url: str, candidate: str | None = No
     """Run a comparator worker over everything recorded, then build the report."""
     worker = Worker(config, redis_url)
     try:
-        await worker.run(burst=True)
+        progress = await worker.run(burst=True)
     finally:
         await worker.store.close()
+    assert progress.dead_lettered == 0  # every answer shape is read, none set aside
     return (await load_report(config, redis_url, since_seconds=3600, candidate=candidate)).as_json()
 
 

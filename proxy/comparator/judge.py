@@ -25,11 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from ..config import JudgeConfig
 from .aggregate import NOISE_PAIR, Judged, PairKey, compared_pairs
+from .endpoint import Endpoint, EndpointError
 from .parse import Arm, Record
 from .pricing import PriceBook, Usage, estimated_tokens
 
@@ -138,7 +138,7 @@ class Judge:
         self._book = PriceBook(table)
         self._spent: deque[tuple[float, float]] = deque()  # (time, amount): the judge's charges this hour
         self._in_flight = asyncio.Semaphore(cfg.max_in_flight)
-        self._session: aiohttp.ClientSession | None = None
+        self._endpoint = Endpoint(cfg.url, cfg.api_key, max_in_flight=cfg.max_in_flight, timeout=cfg.timeout)
 
     def calls(self, records: Sequence[Record]) -> list[_Call]:
         """The sampled pairs of a batch, each with its answers in the order the judge will see them."""
@@ -233,38 +233,17 @@ class Judge:
         if self._cfg.model:
             body["model"] = self._cfg.model
         try:
-            async with self._client().post(f"{self._cfg.url}/chat/completions", data=orjson.dumps(body)) as resp:
-                if resp.status != 200:
-                    raise JudgeFailure(f"http_{resp.status // 100}xx")
-                raw = await resp.read()
-        except aiohttp.ClientError:
-            raise JudgeFailure("unavailable") from None
-        except TimeoutError:  # the session's own timeout
-            raise JudgeFailure("timeout") from None
+            raw = await self._endpoint.post("/chat/completions", body)
+        except EndpointError as exc:
+            raise JudgeFailure(exc.reason) from None
         content, usage = _reply(raw)
         text = "".join(m["content"] for m in body["messages"])
         usage = usage or Usage(estimated_tokens(text), estimated_tokens(content))
         return winner(content), self._price(usage)
 
-    def _client(self) -> aiohttp.ClientSession:
-        # Created on first use, inside the running loop; one session (and pool) for the worker's lifetime.
-        if self._session is None or self._session.closed:
-            headers = {"Content-Type": "application/json"}
-            key = self._cfg.api_key.get_secret_value()
-            if key:
-                headers["Authorization"] = f"Bearer {key}"
-            self._session = aiohttp.ClientSession(
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self._cfg.timeout),
-                connector=aiohttp.TCPConnector(limit=self._cfg.max_in_flight),
-            )
-        return self._session
-
     async def close(self) -> None:
-        """Close the judge's connection pool (the worker calls it when it stops)."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the endpoint's connection pool (the worker calls it when it stops)."""
+        await self._endpoint.close()
 
 
 def _reply(raw: bytes) -> tuple[str, Usage | None]:

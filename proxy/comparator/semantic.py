@@ -20,13 +20,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-import aiohttp
 import numpy as np
 import numpy.typing as npt
 import orjson
 
 from ..config import SemanticConfig
 from .aggregate import PairKey, Semantic, compared_pairs
+from .endpoint import Endpoint, EndpointError
 from .parse import Arm, Record
 
 Vector = npt.NDArray[np.float64]
@@ -58,7 +58,7 @@ class SemanticScorer:
     def __init__(self, cfg: SemanticConfig) -> None:
         self._cfg = cfg
         self._cache: OrderedDict[bytes, Vector] = OrderedDict()
-        self._session: aiohttp.ClientSession | None = None
+        self._endpoint = Endpoint(cfg.url, cfg.api_key, max_in_flight=cfg.max_in_flight, timeout=cfg.timeout)
         self._in_flight = asyncio.Semaphore(cfg.max_in_flight)
         self._next_slot = 0.0
 
@@ -123,14 +123,9 @@ class SemanticScorer:
         async with self._in_flight:
             await self._pace()
             try:
-                async with self._client().post(f"{self._cfg.url}/embeddings", data=orjson.dumps(body)) as resp:
-                    if resp.status != 200:
-                        raise SemanticFailure(f"http_{resp.status // 100}xx")
-                    raw = await resp.read()
-            except aiohttp.ClientError:
-                raise SemanticFailure("unavailable") from None
-            except TimeoutError:  # the session's own timeout (inside a task: the batch's is a cancellation)
-                raise SemanticFailure("timeout") from None
+                raw = await self._endpoint.post("/embeddings", body)
+            except EndpointError as exc:
+                raise SemanticFailure(exc.reason) from None
         return vectors(raw, len(chunk))
 
     async def _pace(self) -> None:
@@ -141,25 +136,9 @@ class SemanticScorer:
         if slot > now:
             await asyncio.sleep(slot - now)
 
-    def _client(self) -> aiohttp.ClientSession:
-        # Created on first use, inside the running loop; one session (and pool) for the worker's lifetime.
-        if self._session is None or self._session.closed:
-            headers = {"Content-Type": "application/json"}
-            key = self._cfg.api_key.get_secret_value()
-            if key:
-                headers["Authorization"] = f"Bearer {key}"
-            self._session = aiohttp.ClientSession(
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self._cfg.timeout),
-                connector=aiohttp.TCPConnector(limit=self._cfg.max_in_flight),
-            )
-        return self._session
-
     async def close(self) -> None:
         """Close the endpoint's connection pool (the worker calls it when it stops)."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._endpoint.close()
 
 
 def vectors(raw: bytes, expected: int) -> list[Vector]:
