@@ -5,10 +5,10 @@ Run from the repository root:
     .venv/bin/python bench/comparator.py            # full run, about 2 minutes on a quiet machine
     .venv/bin/python bench/comparator.py --quick    # smaller streams, one repeat, about 25 s (indicative only)
 
-A real redis-server (``proxy.embedded_redis.EmbeddedRedis``, no persistence) is started here. For
+A real redis-server (``proxy.tools.embedded_redis.EmbeddedRedis``, no persistence) is started here. For
 each workload the records stream ``{shadow}:records`` is filled with records built by the proxy's
 own code (``Exchange``/``ArmCapture`` + ``Exchange.to_fields`` with the default ``Redactor``) and
-written with the recorder's own pipelined ``XADD ... MAXLEN ~`` (``proxy.store.RecordStore``), so the
+written with the recorder's own pipelined ``XADD ... MAXLEN ~`` (``proxy.redis.RecordWriter``), so the
 wire format cannot drift from what the proxy writes. Then ``proxy.comparator.worker.Worker`` runs in
 burst mode (``run(burst=True)``) in 1 or 2 separate OS processes (multiprocessing, spawn) that join
 one fresh consumer group; Redis is flushed and the stream refilled before every run.
@@ -68,13 +68,13 @@ import redis
 import uvloop
 
 from proxy import logs
-from proxy.comparator.service import load_report
+from proxy.comparator.report_loader import load_report
 from proxy.comparator.worker import Worker
 from proxy.config import Config, load_config
-from proxy.embedded_redis import EmbeddedRedis
 from proxy.exchange import ArmCapture, Exchange
 from proxy.redaction import Redactor
-from proxy.store import Keys, RecordStore
+from proxy.redis import Clients, Keys, RecordWriter
+from proxy.tools.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -404,18 +404,19 @@ def keys_of(config: Config) -> Keys:
 
 
 async def fill(url: str, config: Config, records: Records) -> float:
-    """XADD every record in pipelined batches (the recorder's RecordStore); return the seconds spent."""
+    """Append every record in batches (the recorder's RecordWriter); return the seconds spent."""
     if len(records.fields) > config.record.maxlen:
         raise SystemExit(
             f"N={len(records.fields)} exceeds record.maxlen={config.record.maxlen}: records would be trimmed"
         )
-    store = RecordStore(url, keys_of(config), maxlen=config.record.maxlen, socket_timeout=30.0)
+    clients = Clients(url, socket_timeout=30.0)
+    store = RecordWriter(clients.get("records"), keys_of(config), maxlen=config.record.maxlen)
     started = time.perf_counter()
     try:
         for offset in range(0, len(records.fields), FILL_BATCH):
             await store.append(records.fields[offset : offset + FILL_BATCH])
     finally:
-        await store.close()
+        await clients.close()
     return time.perf_counter() - started
 
 
@@ -498,7 +499,7 @@ async def _burst(worker: Worker) -> Any:
     try:
         return await worker.run(burst=True)
     finally:
-        await worker.store.close()
+        await worker.close()
 
 
 def run_instrumented(worker: Worker) -> dict[str, Any]:
@@ -508,7 +509,7 @@ def run_instrumented(worker: Worker) -> dict[str, Any]:
     progress = uvloop.run(_burst(worker))
     ended = time.monotonic()
     return {
-        "consumer": worker.store.consumer,
+        "consumer": worker.consumer,
         "start": started,
         "end": ended,
         "last_ack": marks["last_ack"],

@@ -7,7 +7,7 @@ Run from the repository root:
     .venv/bin/python bench/live_path.py --quick --only shaping # one scenario (here 6), about 1 minute
 
 Everything runs on 127.0.0.1 and is started here: cheap upstream servers (this file, run as
-``_upstream`` subprocesses), a real redis-server (``proxy.embedded_redis.EmbeddedRedis``), the proxy
+``_upstream`` subprocesses), a real redis-server (``proxy.tools.embedded_redis.EmbeddedRedis``), the proxy
 as a real ``shadow-proxy serve`` subprocess, and the load generators (``wrk`` when installed, else
 this file's closed-loop generator; the open-loop generator is always this file's). Every child
 runs in its own session and is stopped at the end, also on Ctrl-C or an error.
@@ -875,7 +875,7 @@ class Bench:
     def start_infrastructure(self) -> None:
         import psutil
 
-        from proxy.embedded_redis import EmbeddedRedis
+        from proxy.tools.embedded_redis import EmbeddedRedis
 
         self.redis = EmbeddedRedis(self.workdir / "redis", persist=False)
         self.redis_url = self.redis.start()
@@ -1894,7 +1894,7 @@ def machine_meta(bench: Bench) -> dict[str, Any]:
                 break
     redis_version = "?"
     with contextlib.suppress(Exception):
-        from proxy.embedded_redis import find_redis_server
+        from proxy.tools.embedded_redis import find_redis_server
 
         text = subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True, timeout=5).stdout
         redis_version = re.search(r"v=(\S+)", text).group(1)  # type: ignore[union-attr]

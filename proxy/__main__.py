@@ -18,14 +18,13 @@ from typing import Any
 
 import orjson
 import uvloop
-from redis.exceptions import RedisError
 
 from . import __version__, logs
 from .config import Config, ConfigError, load_config, masked, parse_duration, require_incumbent, split_listen
-from .embedded_redis import EmbeddedRedis, EmbeddedRedisError, default_data_dir, free_port
-from .runtime import check_budgets
+from .redis import StoreUnavailable
 from .server import serve_until_signal, worker_main
-from .store import StoreUnavailable
+from .tools.embedded_redis import EmbeddedRedis, EmbeddedRedisError, default_data_dir, free_port
+from .wiring import check_budgets
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -255,7 +254,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         try:
             await worker.run(burst=args.burst)
         finally:
-            await worker.store.close()
+            await worker.close()
 
     uvloop.run(run())
     return EXIT_OK
@@ -265,7 +264,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .comparator.render import render
-    from .comparator.service import load_report
+    from .comparator.report_loader import load_report
 
     config = load_config(args.config, overrides=_overrides(args))
     since = parse_duration(args.since or config.compare.report_since)
@@ -322,7 +321,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     logs.configure("warning", "console")
     if args.requests < 1 or args.rate <= 0:
@@ -338,7 +337,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from .replay import Replayer, load_entries
+    from .tools.replay import Replayer, load_entries
 
     config = load_config(args.config, overrides=_overrides(args))
     if not config.candidate:
@@ -412,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"shadow-proxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (EmbeddedRedisError, OSError, RedisError, StoreUnavailable) as exc:
+    except (EmbeddedRedisError, OSError, StoreUnavailable) as exc:
         print(f"shadow-proxy: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:

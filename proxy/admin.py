@@ -12,17 +12,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
-from redis.exceptions import RedisError
 
 from . import dashboard
 from .canary.controller import Controller
-from .comparator.service import report_from
-from .comparator.store import AggregateReader
+from .comparator.report_loader import report_from
 from .comparator.verdict import overall_outcome
 from .config import parse_duration
 from .exposition import redis_families, registry_for_scrape
-from .runtime import Runtime
-from .store import Keys, StoreUnavailable
+from .redis import AggregateReader, Keys, StoreUnavailable
+from .wiring import Runtime
 
 RUNTIME = web.AppKey("runtime", Runtime)
 
@@ -61,8 +59,8 @@ async def readyz(request: web.Request) -> web.Response:
     probes = {"incumbent": runtime.incumbent.probe(timeout)}
     for candidate in runtime.candidates:
         probes[f"candidate:{candidate.name}"] = candidate.probe(timeout)
-    if runtime.store is not None:
-        probes["redis"] = runtime.store.ping()
+    if runtime.writer is not None:
+        probes["redis"] = runtime.writer.ping()
     results = await asyncio.gather(*probes.values())
     checks = {name: {"ok": ok, "detail": detail} for name, (ok, detail) in zip(probes, results, strict=True)}
     ready = checks["incumbent"]["ok"]
@@ -72,6 +70,8 @@ async def readyz(request: web.Request) -> web.Response:
         "mirrors_in_flight": sum(d.in_flight for d in runtime.dispatchers()),
         "mirrors_in_flight_by_target": {d.target: d.in_flight for d in runtime.dispatchers()},
         "record_queue": runtime.recorder.depth if runtime.recorder is not None else 0,
+        # Background loops: which one is failing (Redis unavailable) or was restarted, and since when.
+        "loops": runtime.supervisor.status(),
     }
     return _json(body, status=200 if ready else 503)
 
@@ -117,7 +117,7 @@ async def report(request: web.Request) -> web.Response:
                     builder=runtime.reports,
                     candidate=candidate,
                 )
-            except (RedisError, OSError) as exc:
+            except StoreUnavailable as exc:
                 return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
             source.cache = {key: (time.monotonic(), report_)}
     known = {c.name for c in runtime.config.candidate} | {c.name for c in report_.candidates}
@@ -162,7 +162,7 @@ async def canary_status(request: web.Request) -> web.Response:
         _, pairs, evidence = await controller.evidence(state, time.time())
         history = await controller.store.events(int(request.query.get("history", "50")))
         holder = await controller.store.lease_holder()
-    except (StoreUnavailable, RedisError, OSError) as exc:
+    except StoreUnavailable as exc:
         return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
     stages = [s.model_dump() for s in runtime.config.canary.stage]
     return _json(
@@ -200,7 +200,7 @@ async def canary_action(request: web.Request) -> web.Response:
         )
     except (ValueError, orjson.JSONDecodeError) as exc:
         return _json({"error": {"message": str(exc), "type": "invalid_action"}}, 400)
-    except (StoreUnavailable, RedisError, OSError) as exc:
+    except StoreUnavailable as exc:
         return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
     return _json({"state": transition.after.as_dict(), "event": transition.event()})
 
@@ -228,7 +228,7 @@ async def canary_verdict(request: web.Request) -> web.Response:
         outcomes, pairs, evidence = await controller.evidence(replace(state, stage_started=since), now)
     except ValueError as exc:
         return _json({"error": {"message": str(exc), "type": "bad_request"}}, 400)
-    except (StoreUnavailable, RedisError, OSError) as exc:
+    except StoreUnavailable as exc:
         return _json({"error": {"message": f"Redis unavailable: {exc}", "type": "redis_unavailable"}}, 503)
     verdict = overall_outcome(list(outcomes.values()))
     if request.query.get("format") == "text":
@@ -263,14 +263,10 @@ async def _reader_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     record = runtime.config.record
     reader = None
-    if record.enabled and record.redis_url:
-        reader = AggregateReader(
-            record.redis_url, Keys(record.namespace, record.stream), socket_timeout=record.socket_timeout
-        )
+    if runtime.clients is not None:
+        reader = AggregateReader(runtime.clients.get("control"), Keys(record.namespace, record.stream))
     app[READER] = ReportSource(reader)
     yield
-    if reader is not None:
-        await reader.close()
     runtime.reports.close()
 
 

@@ -22,14 +22,15 @@ from .comparator.parse import parse_body, prompt_text
 from .comparator.pricing import PriceBook, Usage, count_tokens
 from .config import CandidateConfig
 from .exchange import ArmCapture
-from .store import StoreUnavailable
+from .redis import StoreUnavailable
+from .supervisor import Health, Supervisor
 
 BUCKET_SECONDS = 60
 BUCKETS = 60  # one hour
 
 
 class SpendStore(Protocol):
-    """What the sync needs from Redis (``store.RecordStore``)."""
+    """What the sync needs from Redis (``redis.RecordWriter``)."""
 
     async def sync_spend(
         self, candidate: str, added: dict[int, float], minutes: Sequence[int], ttl: int
@@ -100,16 +101,22 @@ class SpendSync:
     with what it knows (its own spend plus the total last read).
     """
 
-    def __init__(self, store: SpendStore, ledgers: dict[str, SpendLedger], *, interval: float = 1.0) -> None:
+    def __init__(
+        self, store: SpendStore, ledgers: dict[str, SpendLedger], *, interval: float = 1.0, health: Health | None = None
+    ) -> None:
         self._store = store
+        self.health = health or Health("spend-sync")
         self._ledgers = ledgers
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor | None = None) -> None:
         if self._ledgers:
-            self._task = asyncio.create_task(self._run(), name="spend-sync")
+            if supervisor is not None:
+                self._task = supervisor.start(self.health.name, self.run)
+            else:
+                self._task = asyncio.create_task(self.run(), name="spend-sync")
 
     async def sync(self, now: float) -> None:
         minute = SpendLedger.minute(now)
@@ -118,12 +125,14 @@ class SpendSync:
             added = ledger.take_unsynced()
             try:
                 totals = await self._store.sync_spend(name, added, minutes, 2 * BUCKETS * BUCKET_SECONDS)
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 ledger.restore_unsynced(added)
+                self.health.down(f"redis {exc.kind}")
                 continue
+            self.health.up()
             ledger.set_shared(totals, now)
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while not self._stop.is_set():
             await self.sync(time.time())
             with contextlib.suppress(TimeoutError):

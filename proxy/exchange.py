@@ -173,9 +173,9 @@ class Exchange:
             callback, self.on_complete = self.on_complete, None
             callback(self)
 
-    def size_hint(self) -> int:
-        """Approximate bytes this exchange holds, for the recorder's byte bound."""
-        size = len(self.body) + 512
+    def size_hint(self, cap: int) -> int:
+        """Approximate bytes its record will hold (bodies cut at ``cap``), for the recorder's byte bound."""
+        size = min(len(self.body), cap) + 512
         for arm in self.arms():
             size += arm.captured + 256
         return size

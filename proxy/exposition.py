@@ -12,12 +12,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from redis.exceptions import RedisError
 
 from .comparator.report_model import Report
-from .comparator.store import AggregateReader
 from .metrics import Metrics
-from .store import StoreUnavailable
+from .redis import AggregateReader, StoreUnavailable
 
 OUTCOME_VALUE = {"pass": 1.0, "inconclusive": 0.5, "fail": 0.0, "skipped": -1.0}
 
@@ -45,19 +43,30 @@ async def redis_families(reader: AggregateReader, group: str, within: float = 1.
     up = GaugeMetricFamily("shadow_proxy_redis_snapshot_ok", "Whether the scrape could read comparator state.")
     try:
         async with asyncio.timeout(within):
-            pending = await reader.pending(group)
-            length = await reader.stream_length()
+            backlog = await reader.backlog(group)
             workers = await reader.workers()
             verdict = await reader.latest_verdict()
-    except (RedisError, OSError, TimeoutError, StoreUnavailable):
+    except (TimeoutError, StoreUnavailable):
         up.add_metric([], 0.0)
         return [up]
     up.add_metric([], 1.0)
     families: list[Metric] = [up]
-    backlog = GaugeMetricFamily("shadow_proxy_comparator_pending", "Records delivered to comparators, not acked.")
-    backlog.add_metric([], float(pending or 0))
+    pending = GaugeMetricFamily("shadow_proxy_comparator_pending", "Records delivered to comparators, not acked.")
+    pending.add_metric([], float(backlog["pending"] or 0))
+    lag = GaugeMetricFamily(
+        "shadow_proxy_comparator_lag", "Records added to the stream and not yet delivered to the comparator group."
+    )
+    lag.add_metric([], float(backlog["lag"] or 0))
     stream = GaugeMetricFamily("shadow_proxy_records_stream_length", "Entries in the records stream.")
-    stream.add_metric([], float(length))
+    stream.add_metric([], float(backlog["length"] or 0))
+    lost = CounterMetricFamily(
+        "shadow_proxy_records_lost",
+        "Records that left the stream unprocessed, by reason: trimmed (MAXLEN) before the comparator group read "
+        "them, or deleted while pending.",
+        labels=["reason"],
+    )
+    lost.add_metric(["trimmed"], float(backlog["trimmed"] or 0))
+    lost.add_metric(["deleted"], float(backlog["deleted"] or 0))
     applied = CounterMetricFamily(
         "shadow_proxy_comparator_applied", "Records applied by each live comparator.", labels=["consumer"]
     )
@@ -89,7 +98,7 @@ async def redis_families(reader: AggregateReader, group: str, within: float = 1.
         judged.add_metric([consumer], float(worker.get("judged", 0)))
         for reason, count in (worker.get("judge_skipped") or {}).items():
             judge_skipped.add_metric([consumer, str(reason)], float(count))
-    families += [backlog, stream, applied, parse_errors, fallbacks, judged, judge_skipped]
+    families += [pending, lag, stream, lost, applied, parse_errors, fallbacks, judged, judge_skipped]
     if verdict is not None:
         families += _verdict_families(verdict)
     return families

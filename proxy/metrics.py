@@ -125,6 +125,35 @@ class Metrics:
         self.record_queue_bytes = Gauge(
             "shadow_proxy_record_queue_bytes", "Bytes held by records waiting.", registry=r, multiprocess_mode="livesum"
         )
+        # Background loops (recorder, spend sync, canary weights and controller) and their supervisor.
+        self.loop_up = Gauge(
+            "shadow_proxy_loop_up",
+            "1 while a background loop works, 0 while it is failing (Redis unavailable) or restarting.",
+            ["loop"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.loop_restarts = Counter(
+            "shadow_proxy_loop_restarts",
+            "Background loops restarted by the supervisor after an unexpected error, by loop.",
+            ["loop"],
+            registry=r,
+        )
+        # The disk spool (record.spool_dir): records written to disk before Redis.
+        self.spool_records = Gauge(
+            "shadow_proxy_spool_records",
+            "Records in the disk spool not yet written to Redis.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.spool_bytes = Gauge(
+            "shadow_proxy_spool_bytes", "Bytes the disk spool holds on disk.", registry=r, multiprocess_mode="livesum"
+        )
+        self.spool_recovered = Counter(
+            "shadow_proxy_spool_recovered",
+            "Records found in the spool at startup (left by an earlier process) and replayed.",
+            registry=r,
+        )
 
     def value(self, name: str, **labels: str) -> float:
         """One sample's current value (0 when absent): for tests and the readiness report."""

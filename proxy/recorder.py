@@ -1,15 +1,17 @@
 """Hands finished exchanges to Redis without ever blocking or raising into the live path.
 
-``submit`` is synchronous and O(1): it appends to a queue bounded in records and bytes, or drops
-and counts. One writer task serialises, redacts and writes batches; while Redis is down the batch
-waits (inside the bound) and is retried, so writing resumes by itself when Redis comes back.
+``submit`` is synchronous and O(1): it appends to a queue bounded in records and in the bytes the
+records will keep (bodies cut at ``record.max_body_bytes``), or drops and counts. One writer task
+serialises and redacts each record once, then writes batches; while Redis is down the serialised
+batch waits (inside the bound, still counted in the queue gauges) and is retried with backoff, so
+writing resumes by itself when Redis comes back. With ``record.spool_dir`` every record goes to the
+disk spool first and a sender writes from there (``docs/spool.md``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections import deque
 
 import structlog
@@ -18,40 +20,51 @@ from .config import RecordConfig
 from .exchange import Exchange
 from .metrics import Metrics
 from .redaction import Redactor
-from .store import RecordStore, StoreUnavailable
+from .redis import Backoff, RecordWriter, StoreUnavailable
+from .supervisor import Health, Supervisor
 
 log = structlog.get_logger("shadow_proxy.recorder")
+
+Fields = dict[bytes, bytes]
 
 
 class Recorder:
     """A bounded queue of exchanges and the task that writes them in pipelined batches."""
 
-    def __init__(self, store: RecordStore, config: RecordConfig, metrics: Metrics) -> None:
-        self._store = store
+    def __init__(
+        self, writer: RecordWriter, config: RecordConfig, metrics: Metrics, *, health: Health | None = None
+    ) -> None:
+        self._writer = writer
         self._config = config
         self._metrics = metrics
         self._redactor = Redactor(config)
-        self._queue: deque[tuple[Exchange, int]] = deque()
-        self._queued_bytes = 0
+        self._queue: deque[tuple[Exchange, int]] = deque()  # not yet serialised, with their estimated size
+        self._ready: deque[tuple[Fields, int]] = deque()  # serialised, waiting for Redis, with their size
+        self._queued_bytes = 0  # both of the above
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self.redis_ok = True
+        self.health = health or Health("recorder")
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._ready)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    @property
+    def redis_ok(self) -> bool:
+        return self.health.ok
 
     def submit(self, exchange: Exchange) -> None:
         """Queue an exchange for writing, or drop and count it when the queue is full or closed."""
         if self._closing:
             self._drop("shutdown")
             return
-        size = exchange.size_hint()
-        if (
-            len(self._queue) >= self._config.queue_max_records
-            or self._queued_bytes + size > self._config.queue_max_bytes
-        ):
+        size = exchange.size_hint(self._config.max_body_bytes)
+        if self.depth >= self._config.queue_max_records or self._queued_bytes + size > self._config.queue_max_bytes:
             self._drop("queue_full")
             return
         self._queue.append((exchange, size))
@@ -63,12 +76,18 @@ class Recorder:
         self._metrics.records_dropped.labels(reason).inc(count)
         log.debug("record_dropped", reason=reason, count=count)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="recorder")
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Start the writer loop (restarted by ``supervisor`` if anything escapes it)."""
+        if supervisor is not None:
+            self._task = supervisor.start(self.health.name, self.run)
+        else:
+            self._task = asyncio.create_task(self.run(), name="recorder")
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """The writer loop; returns once closing and everything queued is written."""
+        backoff = Backoff(self._config.retry_interval / 4, max(self._config.retry_interval, 5.0))
         while True:
-            if not self._queue:
+            if not self._queue and not self._ready:
                 if self._closing:
                     return
                 self._wakeup.clear()
@@ -78,28 +97,49 @@ class Recorder:
                     # writer's work in few, short slices between live requests.
                     await asyncio.sleep(self._config.linger)
                 continue
-            batch = [item for item, _ in itertools.islice(self._queue, self._config.batch_size)]
-            entries = [exchange.to_fields(self._redactor, self._config.max_body_bytes) for exchange in batch]
+            # Serialise one batch more on each turn (also while Redis is down), so full request
+            # bodies are released early and every record is serialised and redacted once.
+            self._serialise(self._config.batch_size)
+            if not self._ready:
+                continue
+            batch = [fields for fields, _ in list(self._ready)[: self._config.batch_size]]
             try:
-                await self._store.append(entries)
+                await self._writer.append(batch)
             except StoreUnavailable as exc:
                 self._metrics.record_write_errors.inc()
-                if self.redis_ok:
-                    log.warning("record_write_failed", error=str(exc), queued=len(self._queue))
-                self.redis_ok = False
-                await asyncio.sleep(self._config.retry_interval)
+                self.health.down(f"redis {exc.kind}")
+                if self.health.failures == 1:
+                    log.warning("record_write_failed", error=str(exc), queued=self.depth)
+                self._update_gauges()
+                await asyncio.sleep(backoff.next())
                 continue
-            if not self.redis_ok:
-                log.warning("record_write_resumed", queued=len(self._queue))
-            self.redis_ok = True
+            if not self.health.ok:
+                log.warning("record_write_resumed", queued=self.depth)
+            self.health.up()
+            backoff.reset()
             for _ in batch:
-                _, size = self._queue.popleft()
+                _, size = self._ready.popleft()
                 self._queued_bytes -= size
             self._metrics.records_written.inc(len(batch))
             self._update_gauges()
 
+    def _serialise(self, count: int) -> None:
+        cap = self._config.max_body_bytes
+        for _ in range(min(count, len(self._queue))):
+            exchange, estimate = self._queue.popleft()
+            self._queued_bytes -= estimate
+            try:
+                fields = {k.encode(): v for k, v in exchange.to_fields(self._redactor, cap).items()}
+            except Exception as exc:  # noqa: BLE001 - one bad exchange must not stop the writer
+                self._drop("unserialisable")
+                log.error("record_unserialisable", request_id=exchange.request_id, error=f"{type(exc).__name__}: {exc}")
+                continue
+            size = sum(len(k) + len(v) for k, v in fields.items())
+            self._ready.append((fields, size))
+            self._queued_bytes += size
+
     def _update_gauges(self) -> None:
-        self._metrics.record_queue_depth.set(len(self._queue))
+        self._metrics.record_queue_depth.set(self.depth)
         self._metrics.record_queue_bytes.set(self._queued_bytes)
 
     async def close(self, grace: float) -> None:
@@ -113,8 +153,10 @@ class Recorder:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            if self._queue:
-                log.warning("record_flush_incomplete", dropped=len(self._queue))
-                self._drop("shutdown", len(self._queue))
+            if self.depth:
+                log.warning("record_flush_incomplete", dropped=self.depth)
+                self._drop("shutdown", self.depth)
                 self._queue.clear()
+                self._ready.clear()
+                self._queued_bytes = 0
         self._update_gauges()

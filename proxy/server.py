@@ -1,6 +1,7 @@
 """Lifecycle of one proxy process: listeners, ordered startup, graceful ordered shutdown.
 
-Contexts are registered in ``cleanup_ctx`` order (store, upstream sessions, recorder, shadow) and
+Contexts are registered in ``cleanup_ctx`` order (Redis clients and the loop supervisor, upstream
+sessions, canary, recorder, spend, shadow) and
 torn down in reverse after aiohttp has stopped accepting and let in-flight requests finish:
 mirrors drain, then the recorder flushes, then sessions close, then Redis.
 """
@@ -16,24 +17,25 @@ from collections.abc import AsyncIterator
 import structlog
 import uvloop
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from . import logs
 from .admin import RUNTIME, admin_app
 from .canary.feedback import Feedback
 from .comparator.pricing import warm as warm_pricing
 from .config import Config, split_listen
-from .runtime import Runtime, feedback_enabled
-from .store import StoreUnavailable
+from .redis import StoreUnavailable
+from .wiring import Runtime, feedback_enabled
 
 log = structlog.get_logger("shadow_proxy.server")
 
 
-async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The process's Redis clients and its loop supervisor: the last to go."""
     runtime = app[RUNTIME]
     yield
-    if runtime.store is not None:
-        await runtime.store.close()
+    await runtime.supervisor.stop()
+    if runtime.clients is not None:
+        await runtime.clients.close()
 
 
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -52,27 +54,26 @@ async def _canary_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     stop = asyncio.Event()
-    controller_task = None
+    supervisor = app[RUNTIME].supervisor
     if canary.weights is not None:
-        with contextlib.suppress(StoreUnavailable, RedisError, OSError):
+        with contextlib.suppress(StoreUnavailable):
             await canary.controller.current()  # creates the first stage's state if there is none
             await canary.weights.refresh()  # serve the current weight from the first request on
-        canary.weights.start()
-        controller_task = asyncio.create_task(canary.controller.run(stop), name="canary-controller")
+        canary.weights.start(supervisor)
+        health = supervisor.health("canary-controller")
+        supervisor.start(health.name, lambda: canary.controller.run(stop, health))
     yield
     stop.set()
-    if controller_task is not None:
-        await controller_task
     if canary.weights is not None:
+        await supervisor.wait("canary-controller")
         await canary.weights.close()
     await canary.controller.close()
-    await canary.store.close()
 
 
 async def _recorder_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     if runtime.recorder is not None:
-        runtime.recorder.start()
+        runtime.recorder.start(runtime.supervisor)
     yield
     if runtime.recorder is not None:
         await runtime.recorder.close(runtime.config.record.flush_timeout)
@@ -86,7 +87,7 @@ async def _spend_ctx(app: web.Application) -> AsyncIterator[None]:
         # Price data and tokenizers load in a thread, before the first mirror needs them.
         await asyncio.to_thread(warm_pricing)
     if spend is not None:
-        spend.start()
+        spend.start(runtime.supervisor)
     yield
     if spend is not None:
         await spend.close()
@@ -103,7 +104,7 @@ def main_app(runtime: Runtime) -> web.Application:
     # The body is read by the forwarder with its own limit; aiohttp's own cap must not interfere.
     app = web.Application(client_max_size=runtime.config.limits.max_body_bytes + 1)
     app[RUNTIME] = runtime
-    app.cleanup_ctx.extend([_store_ctx, _sessions_ctx, _canary_ctx, _recorder_ctx, _spend_ctx, _shadow_ctx])
+    app.cleanup_ctx.extend([_redis_ctx, _sessions_ctx, _canary_ctx, _recorder_ctx, _spend_ctx, _shadow_ctx])
     forwarder = runtime.forwarder
     if runtime.canary is not None and feedback_enabled(runtime.config):
         app.router.add_post(runtime.config.canary.feedback_path, Feedback(runtime).handle)

@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestServer
 
 from proxy import logs
 from proxy.config import Config, load_config
-from proxy.embedded_redis import EmbeddedRedis
 from proxy.server import ProxyServer
+from proxy.tools.embedded_redis import EmbeddedRedis
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

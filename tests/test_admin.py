@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from proxy.embedded_redis import free_port
+from proxy.tools.embedded_redis import free_port
 
 from .conftest import echo
 

@@ -60,7 +60,7 @@ def test_a_spent_budget_does_not_swallow_the_breakers_probe() -> None:
 
 def _dispatcher(budget: float) -> Any:
     from proxy.metrics import Metrics
-    from proxy.runtime import _candidate_mirror
+    from proxy.wiring import _candidate_mirror
 
     config = make_config(candidate={"url": "http://127.0.0.1:1", "budget_per_hour": budget})
     return _candidate_mirror(config, config.candidate[0], Metrics(), 0)
@@ -142,7 +142,7 @@ def test_without_usage_a_cut_answer_is_counted_in_proportion_to_what_arrived() -
 def test_a_budget_on_a_model_without_a_price_is_refused() -> None:
     """A fixed model name nobody prices cannot be held to a budget: serve exits 2 naming the key."""
     from proxy.config import ConfigError
-    from proxy.runtime import check_budgets
+    from proxy.wiring import check_budgets
 
     config = make_config(candidate={"url": "http://c:1", "model": "my-own-llama-8b", "budget_per_hour": 1.0})
     with pytest.raises(ConfigError, match="candidate.0.budget_per_hour = 1.0: no price is known"):
@@ -202,20 +202,22 @@ async def test_without_recording_a_budget_still_counts_long_answers(upstreams, p
 async def test_with_redis_down_the_budget_holds_locally_and_syncs_later(redis_url) -> None:
     """A sync against a Redis that refuses keeps this process's spend for the next one; nothing raises."""
     from proxy.budget import SpendSync
-    from proxy.embedded_redis import free_port
-    from proxy.store import Keys, RecordStore
+    from proxy.redis import Clients, Keys, RecordWriter
+    from proxy.tools.embedded_redis import free_port
 
     ledger = SpendLedger(budget_per_hour=1.0)
-    down = RecordStore(f"redis://127.0.0.1:{free_port('127.0.0.1')}/0", Keys("shadow"), maxlen=10, socket_timeout=0.5)
+    gone = Clients(f"redis://127.0.0.1:{free_port('127.0.0.1')}/0", socket_timeout=0.5)
+    down = RecordWriter(gone.get("records"), Keys("shadow"), maxlen=10)
     now = time.time()
     ledger.add(2.0, now)
     await SpendSync(down, {"c": ledger}).sync(now)
-    await down.close()
+    await gone.close()
     assert ledger.exhausted(now)  # still held to the budget on what it knows
-    up = RecordStore(redis_url, Keys("shadow"), maxlen=10, socket_timeout=2.0)
+    clients = Clients(redis_url, socket_timeout=2.0)
+    up = RecordWriter(clients.get("records"), Keys("shadow"), maxlen=10)
     try:
         await SpendSync(up, {"c": ledger}).sync(now)
         assert ledger.take_unsynced() == {}  # the kept spend reached Redis once it answered
         assert ledger.spent(now) == pytest.approx(2.0)
     finally:
-        await up.close()
+        await clients.close()

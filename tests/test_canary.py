@@ -21,9 +21,9 @@ import redis
 from aiohttp import web
 
 from proxy.canary.controller import Controller
-from proxy.comparator.service import load_report
+from proxy.comparator.report_loader import load_report
 from proxy.comparator.worker import Worker
-from proxy.embedded_redis import free_port
+from proxy.tools.embedded_redis import free_port
 
 from .conftest import echo, eventually, make_config
 
@@ -95,7 +95,7 @@ async def comparator(redis_url: str):  # type: ignore[no-untyped-def]
     finally:
         worker.stop()
         await task
-        await worker.store.close()
+        await worker.close()
 
 
 def _children(pid: int) -> list[int]:
@@ -438,7 +438,7 @@ async def test_controller_killed_mid_stage_resumes_after_restart(
 
 async def test_redis_outage_keeps_the_last_weight_and_the_live_path(upstreams, proxies, tmp_path: Path) -> None:
     """With Redis gone, a replica keeps routing by the weight it knew, and clients see no errors."""
-    from proxy.embedded_redis import EmbeddedRedis
+    from proxy.tools.embedded_redis import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path / "redis", persist=False)
     server.start()

@@ -13,7 +13,7 @@ import openai
 import pytest
 import redis
 
-from proxy.comparator.service import load_report
+from proxy.comparator.report_loader import load_report
 from proxy.comparator.worker import Worker
 from proxy.config import Config
 
@@ -29,7 +29,7 @@ async def compare_all(config: Config, redis_url: str, candidate: str | None = No
     try:
         progress = await worker.run(burst=True)
     finally:
-        await worker.store.close()
+        await worker.close()
     assert progress.dead_lettered == 0  # every answer shape is read, none set aside
     return (await load_report(config, redis_url, since_seconds=3600, candidate=candidate)).as_json()
 

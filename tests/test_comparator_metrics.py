@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.comparator.metrics import (
+from proxy.comparator.measures import (
     Tolerance,
     arm_cost,
     compare,

@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from proxy.comparator.service import load_report
+from proxy.comparator.report_loader import load_report
 from proxy.comparator.worker import Worker
 
 from .conftest import eventually, make_config
@@ -92,7 +92,7 @@ async def run_scenario(
     config = make_config(**sections)
     worker = Worker(config, redis_url)
     await worker.run(burst=True)
-    await worker.store.close()
+    await worker.close()
     return (await load_report(config, redis_url, since_seconds=3600)).as_json()
 
 

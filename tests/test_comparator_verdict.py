@@ -7,9 +7,9 @@ import numpy as np
 from proxy.comparator.aggregate import _add_sketch
 from proxy.comparator.intervals import quantile_bounds
 from proxy.comparator.report import _drift
-from proxy.comparator.store import WindowData
 from proxy.comparator.verdict import Gate, correct_segments, divergence_gate, error_gate, latency_gate, overall
 from proxy.config import GatesConfig
+from proxy.redis import WindowData
 
 CFG = GatesConfig()
 

@@ -16,10 +16,9 @@ import orjson
 import redis
 from aiohttp import web
 
-from proxy.comparator.service import load_report
-from proxy.comparator.store import ComparatorStore, Limits
+from proxy.comparator.report_loader import load_report
 from proxy.comparator.worker import Worker
-from proxy.store import Keys
+from proxy.redis import AggregateWriter, Clients, Keys, Limits, RecordConsumer
 
 from .conftest import echo, eventually, make_config
 
@@ -55,7 +54,7 @@ async def _burst(redis_url: str, **compare: Any):  # type: ignore[no-untyped-def
     try:
         return await worker.run(burst=True)
     finally:
-        await worker.store.close()
+        await worker.close()
 
 
 async def _pairs(redis_url: str) -> int:
@@ -100,19 +99,16 @@ async def test_entries_applied_but_not_acknowledged_are_reclaimed_without_double
     from proxy.comparator.parse import parse_record
     from proxy.comparator.worker import settings_from
 
-    dead = ComparatorStore(
-        redis_url,
-        Keys("shadow"),
-        group="comparators",
-        consumer="dead",
-        limits=Limits(3600, 900, 100, 5, 100),
-        socket_timeout=5,
+    clients = Clients(redis_url, socket_timeout=5)
+    dead = RecordConsumer(
+        clients.get("comparator"), Keys("shadow"), group="comparators", consumer="dead", dead_letter_maxlen=100
     )
+    aggregates = AggregateWriter(clients.get("comparator"), Keys("shadow"), limits=Limits(3600, 900, 100, 5))
     await dead.ensure_group()
-    entries = await dead.read_new(25, 0)
+    batch = await dead.read_new(25, 0)
     settings = settings_from(config)
-    await dead.apply([c for _, fields in entries for c in contributions(parse_record(fields), settings)])
-    await dead.close()  # never acknowledged
+    await aggregates.apply([c for _, fields in batch.entries for c in contributions(parse_record(fields), settings)])
+    await clients.close()  # never acknowledged
     assert redis_client.xpending("{shadow}:records", "comparators")["pending"] == 25
     progress = await _burst(redis_url, claim_idle_ms=100)
     assert progress.reclaimed == 25 and progress.duplicates == 25

@@ -115,7 +115,7 @@ class Stack:
         await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == questions.stop)
         worker = Worker(make_config(**self.sections), self.redis_url)
         await worker.run(burst=True)
-        await worker.store.close()
+        await worker.close()
 
 
 async def stack(upstreams, proxies, redis_url: str, n: int = 150) -> Stack:  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ from proxy.comparator.divergence import (
     tail_counts,
     tail_test,
 )
-from proxy.comparator.metrics import Tolerance
+from proxy.comparator.measures import Tolerance
 from proxy.comparator.shapes import Output
 from proxy.comparator.similarity import IDENTICAL, bucket, bucket_value, score
 

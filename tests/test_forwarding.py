@@ -271,7 +271,7 @@ async def test_head_keeps_length_and_sends_no_body(upstreams, proxies) -> None:
 
 async def test_incumbent_refusing_gives_502_json(proxies) -> None:
     """A refused connection becomes 502 with a JSON error and a counter."""
-    from proxy.embedded_redis import free_port
+    from proxy.tools.embedded_redis import free_port
 
     proxy = await proxies(incumbent={"url": f"http://127.0.0.1:{free_port()}"}, record={"enabled": False})
     async with aiohttp.ClientSession() as client:

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from proxy.comparator.service import load_report
+from proxy.comparator.report_loader import load_report
 from proxy.comparator.worker import Worker
 
 from .conftest import echo, eventually, make_config, records
@@ -20,7 +20,7 @@ async def _report(sections: dict[str, object], redis_url: str) -> dict[str, obje
     try:
         await worker.run(burst=True)
     finally:
-        await worker.store.close()
+        await worker.close()
     return (await load_report(config, redis_url, since_seconds=3600)).as_json()
 
 

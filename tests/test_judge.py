@@ -15,7 +15,7 @@ from aiohttp import web
 from proxy.comparator import monitoring, verdict
 from proxy.comparator import sequential as sq
 from proxy.comparator.judge import outcome, sampled, swapped, winner
-from proxy.comparator.service import load_report
+from proxy.comparator.report_loader import load_report
 from proxy.comparator.verdict import Gate, correct_segments, evaluate
 from proxy.comparator.worker import Worker
 from proxy.config import Config, ConfigError, GatesConfig, load_config, masked
@@ -77,7 +77,7 @@ async def burst(worker: Worker) -> None:
     try:
         await worker.run(burst=True)
     finally:
-        await worker.store.close()
+        await worker.close()
 
 
 async def report_for(config: Config, redis_url: str, candidate: str) -> dict[str, Any]:

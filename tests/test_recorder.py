@@ -9,7 +9,7 @@ import aiohttp
 import redis
 from aiohttp import web
 
-from proxy.embedded_redis import EmbeddedRedis
+from proxy.tools.embedded_redis import EmbeddedRedis
 
 from .conftest import echo, eventually, records
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from proxy.comparator.aggregate import Contribution, Segment
-from proxy.comparator.store import ComparatorStore, Limits
-from proxy.store import Keys
+from proxy.redis import AggregateWriter, Clients, Keys, Limits
 
 
 def _contribution(index: int) -> Contribution:
@@ -17,9 +16,8 @@ def _contribution(index: int) -> Contribution:
 
 async def test_a_reservoir_prefix_is_not_the_earliest_arrivals(redis_url, redis_client) -> None:
     """200 pairs into a 100-slot reservoir: its first 20 entries average near the middle arrival."""
-    store = ComparatorStore(
-        redis_url, Keys("shadow"), group="g", consumer="c", limits=Limits(3600, 900, 100, 0, 10), socket_timeout=5
-    )
+    clients = Clients(redis_url, socket_timeout=5)
+    store = AggregateWriter(clients.get("comparator"), Keys("shadow"), limits=Limits(3600, 900, 100, 0))
     means = []
     try:
         for trial in range(20):
@@ -31,7 +29,7 @@ async def test_a_reservoir_prefix_is_not_the_earliest_arrivals(redis_url, redis_
             assert len(kept) == 100 and len(set(kept)) == 100, trial
             means.append(np.mean(kept[:20]))
     finally:
-        await store.close()
+        await clients.close()
     # A uniform sample of 0..199 has mean 99.5 (standard error here about 3); the first 20 entries of an
     # unshuffled reservoir average about 80 (half of them are still the first 20 arrivals).
     assert 90 < float(np.mean(means)) < 110

@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import redis
 
-from proxy.comparator.service import load_report
-from proxy.embedded_redis import free_port
+from proxy.comparator.report_loader import load_report
+from proxy.tools.embedded_redis import free_port
 
 from .conftest import echo, eventually, make_config
 

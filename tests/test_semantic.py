@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.comparator.service import load_report
+from proxy.comparator.report_loader import load_report
 from proxy.comparator.worker import Worker
 from proxy.config import Config, load_config, masked
 
@@ -84,7 +84,7 @@ async def burst(worker: Worker) -> None:
     try:
         await worker.run(burst=True)
     finally:
-        await worker.store.close()
+        await worker.close()
 
 
 async def report_for(config: Config, redis_url: str, candidate: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pytest
 import redis
 from aiohttp import web
 
-from proxy.embedded_redis import free_port
+from proxy.tools.embedded_redis import free_port
 
 from .conftest import echo, eventually
 

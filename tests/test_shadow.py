@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from proxy.embedded_redis import free_port
+from proxy.tools.embedded_redis import free_port
 
 from .conftest import echo, eventually, records
 

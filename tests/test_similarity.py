@@ -10,7 +10,7 @@ import pytest
 from rapidfuzz import fuzz
 from rapidfuzz.distance import Indel
 
-from proxy.comparator.metrics import Tolerance, exact_match
+from proxy.comparator.measures import Tolerance, exact_match
 from proxy.comparator.parse import parse_body
 from proxy.comparator.shapes import Output
 from proxy.comparator.similarity import (

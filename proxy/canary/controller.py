@@ -22,11 +22,10 @@ from ..comparator import monitoring, sequential
 from ..comparator.aggregate import merge, similarity_histogram
 from ..comparator.offload import INLINE, ReportBuilder
 from ..comparator.report import Monitor, candidate_of
-from ..comparator.store import AggregateReader
 from ..config import Config, canary_candidate, parse_duration
-from ..store import Keys, StoreUnavailable
+from ..redis import AggregateReader, Backoff, CanaryStore, Clients, Keys, StoreUnavailable
+from ..supervisor import Health
 from .state import ACTIVE, CanaryState, Policy, Stage, Transition, evaluate, initial, manual
-from .store import CanaryStore
 
 log = structlog.get_logger("shadow_proxy.canary")
 
@@ -40,13 +39,17 @@ class Controller:
     """Reads evidence, decides and commits; also the one entry point for operators' actions."""
 
     def __init__(
-        self, config: Config, redis_url: str, *, holder: str | None = None, builder: ReportBuilder = INLINE
+        self, config: Config, redis: str | Clients, *, holder: str | None = None, builder: ReportBuilder = INLINE
     ) -> None:
+        """``redis`` is a URL (this controller then owns its client) or the process's shared clients."""
         keys = Keys(config.record.namespace, config.record.stream)
         self.config = config
         self.policy = policy_from(config)
-        self.store = CanaryStore(redis_url, keys, socket_timeout=config.record.socket_timeout)
-        self.reader = AggregateReader(redis_url, keys, socket_timeout=config.record.socket_timeout)
+        self._own = isinstance(redis, str)
+        self._clients = Clients(redis, socket_timeout=config.record.socket_timeout) if isinstance(redis, str) else redis
+        client = self._clients.get("control")
+        self.store = CanaryStore(client, keys)
+        self.reader = AggregateReader(client, keys)
         self.holder = holder or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         # Every gate of every stage shares one error budget: a whole canary errs either way with
         # probability at most 1 - confidence, however often the controller looks (docs/sequential.md).
@@ -57,8 +60,8 @@ class Controller:
         self.builder = builder
 
     async def close(self) -> None:
-        await self.store.close()
-        await self.reader.close()
+        if self._own:
+            await self._clients.close()
 
     async def current(self, now: float | None = None) -> CanaryState:
         """The stored state, created at the first stage if there is none yet."""
@@ -152,13 +155,20 @@ class Controller:
                 return transition
         raise StoreUnavailable("the canary state kept changing; try again")
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Hold the lease and evaluate every canary.evaluate_interval until stopped."""
+    async def run(self, stop: asyncio.Event, health: Health | None = None) -> None:
+        """Hold the lease and evaluate every canary.evaluate_interval until stopped.
+
+        Redis trouble (a restart, a failover, a timeout, BUSY or LOADING) is reported on ``health`` and
+        retried with backoff; the lease lapses meanwhile, so another replica can take over.
+        """
+        health = health or Health("canary-controller")
         canary = self.config.canary
         ttl_ms = int(canary.lease_ttl * 1000)
         holding = False
+        backoff = Backoff(0.2, min(canary.evaluate_interval, canary.lease_ttl / 3))
         try:
             while not stop.is_set():
+                wait = min(canary.evaluate_interval, canary.lease_ttl / 3)
                 try:
                     leader = await self.store.hold_lease(self.holder, ttl_ms)
                     if leader != holding:
@@ -166,10 +176,16 @@ class Controller:
                         holding = leader
                     if leader:
                         await self.step()
+                    health.up()
+                    backoff.reset()
                 except StoreUnavailable as exc:
-                    log.warning("canary_redis_unavailable", error=str(exc))
+                    if health.ok:
+                        log.warning("canary_redis_unavailable", error=str(exc))
+                    health.down(f"redis {exc.kind}")
+                    holding = False
+                    wait = backoff.next()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), min(canary.evaluate_interval, canary.lease_ttl / 3))
+                    await asyncio.wait_for(stop.wait(), wait)
         finally:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.release_lease(self.holder)

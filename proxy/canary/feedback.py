@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from ..store import StoreUnavailable
-from .store import FEEDBACK_DUPLICATE, FEEDBACK_UNKNOWN
+from ..redis import FEEDBACK_DUPLICATE, FEEDBACK_UNKNOWN, StoreUnavailable
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from ..wiring import Runtime
 
 MAX_BODY = 16 * 1024
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

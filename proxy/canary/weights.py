@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 import orjson
 import structlog
-from redis.exceptions import RedisError
 
 from ..metrics import Metrics
-from ..store import StoreUnavailable
+from ..redis import Backoff, CanaryStore, StoreUnavailable
+from ..supervisor import Health, Supervisor
 from .state import CanaryState
-from .store import CanaryStore
 
 log = structlog.get_logger("shadow_proxy.canary")
 
@@ -25,10 +23,13 @@ log = structlog.get_logger("shadow_proxy.canary")
 class WeightWatcher:
     """Keeps ``weight`` and ``state`` current in one proxy process."""
 
-    def __init__(self, store: CanaryStore, metrics: Metrics, *, poll_interval: float) -> None:
+    def __init__(
+        self, store: CanaryStore, metrics: Metrics, *, poll_interval: float, health: Health | None = None
+    ) -> None:
         self._store = store
         self._metrics = metrics
         self._poll_interval = poll_interval
+        self.health = health or Health("canary-weights")
         self.weight = 0.0
         self.state: CanaryState | None = None
         self._task: asyncio.Task[None] | None = None
@@ -44,8 +45,11 @@ class WeightWatcher:
             self._metrics.canary_weight.set(state.weight)
             self._metrics.canary_stage.set(state.stage)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="canary-weights")
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        if supervisor is not None:
+            self._task = supervisor.start(self.health.name, self.run)
+        else:
+            self._task = asyncio.create_task(self.run(), name="canary-weights")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -56,23 +60,23 @@ class WeightWatcher:
     async def refresh(self) -> None:
         self._apply(await self._store.state())
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Subscribe, refresh, and apply each published state; on any Redis failure back off and start again."""
+        backoff = Backoff(0.1, self._poll_interval)
         while True:
-            pubsub: Any = None
             try:
-                pubsub = self._store.pubsub()
-                await pubsub.subscribe(self._store.channel)
-                await self.refresh()
-                while True:
-                    message = await pubsub.get_message(timeout=self._poll_interval)
-                    if message is not None and message.get("type") == "message":
-                        self._apply(CanaryState.from_dict(orjson.loads(message["data"])))
-                    else:
-                        await self.refresh()  # the polling fallback
-            except (RedisError, OSError, StoreUnavailable) as exc:
-                log.warning("canary_weight_refresh_failed", error=str(exc), weight=self.weight)
-                await asyncio.sleep(self._poll_interval)
-            finally:
-                if pubsub is not None:
-                    with contextlib.suppress(RedisError, OSError):
-                        await pubsub.aclose()
+                async with self._store.subscribe() as subscription:
+                    await self.refresh()
+                    self.health.up()
+                    backoff.reset()
+                    while True:
+                        data = await subscription.message(self._poll_interval)
+                        if data is not None:
+                            self._apply(CanaryState.from_dict(orjson.loads(data)))
+                        else:
+                            await self.refresh()  # the polling fallback
+            except StoreUnavailable as exc:
+                if self.health.ok:
+                    log.warning("canary_weight_refresh_failed", error=str(exc), weight=self.weight)
+                self.health.down(f"redis {exc.kind}")
+                await asyncio.sleep(backoff.next())

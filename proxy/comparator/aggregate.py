@@ -18,7 +18,7 @@ import orjson
 from ddsketch import DDSketch
 from ddsketch.mapping import LogarithmicMapping
 
-from .metrics import PairMetrics, Tolerance, arm_cost, compare
+from .measures import PairMetrics, Tolerance, arm_cost, compare
 from .parse import Arm, Record
 from .pricing import PriceBook
 from .similarity import BELOW_ONE, bucket

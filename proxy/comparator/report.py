@@ -12,12 +12,12 @@ import numpy as np
 from scipy import stats
 
 from ..config import CompareConfig
+from ..redis import WindowData
 from . import monitoring
 from . import sequential as sq
 from .aggregate import MAPPING, NO_CANDIDATE, merge, quantiles, similarity_histogram
 from .report_model import Report
 from .similarity import bucket_value
-from .store import WindowData
 from .verdict import Gate, correct_segments, evaluate, judge_counts, overall, satisfaction_gate
 
 REPORT_VERSION = 2  # 2: one candidate's report with every candidate's verdict (docs/report.md)

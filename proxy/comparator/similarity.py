@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .metrics import Tolerance, normalise_text, numbers_close
+from .measures import Tolerance, normalise_text, numbers_close
 from .shapes import Output, ToolCalls
 
 BUCKETS = 201  # 0..199: [i/200, (i+1)/200); 200: exactly 1.0 (identical answers)

@@ -1,14 +1,17 @@
 """The comparator worker loop: short and restartable.
 
 Each turn: reclaim entries idle on dead consumers, read new ones, parse and measure them, write the
-aggregates (idempotently), then ``XACK``. An unreadable record goes to the dead-letter stream with
-its reason and is acknowledged, so it never blocks the group. ``burst`` processes what is there and
-returns, for tests and backfills.
+aggregates (idempotently), then ``XACK``. A record that cannot be processed (unreadable, too deep,
+any exception while measuring it) goes to the dead-letter stream with its reason and is
+acknowledged, so it never blocks the group or kills a worker. Redis trouble (a restart, a failover,
+a timeout, BUSY or LOADING) is waited out with backoff; the worker's health key says since when.
+``burst`` processes what is there and returns, for tests and backfills.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -17,14 +20,14 @@ from dataclasses import dataclass, field
 import structlog
 
 from ..config import Config, UpstreamConfig
-from ..store import Keys, StoreUnavailable
+from ..redis import AggregateWriter, Backoff, Batch, Clients, Entry, Keys, Limits, RecordConsumer, StoreUnavailable
+from ..supervisor import Health
 from .aggregate import Contribution, Judged, Semantic, Settings, contributions
 from .judge import Judge
-from .metrics import Tolerance
+from .measures import Tolerance
 from .parse import PoisonRecord, Record, parse_record
 from .pricing import PriceBook
 from .semantic import SemanticScorer
-from .store import ComparatorStore, Entry, Limits
 
 log = structlog.get_logger("shadow_proxy.comparator")
 
@@ -38,6 +41,9 @@ class Progress:
     duplicates: int = 0
     dead_lettered: int = 0
     reclaimed: int = 0
+    trimmed: int = 0  # records trimmed from the stream before this worker's group read them (found by it)
+    deleted: int = 0  # records gone from the stream while pending
+    redis_errors: int = 0
     parse_errors: dict[str, int] = field(default_factory=dict)  # reason -> answers with that unreadable part
     semantic_fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> batches scored lexically only
     judged: int = 0  # pairs the judge gave a verdict on
@@ -76,20 +82,24 @@ class Worker:
         self._settings = settings_from(config)
         # Redis answers a blocking read after block_ms; the socket must wait longer than that.
         socket_timeout = max(config.record.socket_timeout, compare.block_ms / 1000.0 + 2.0)
-        self.store = ComparatorStore(
-            redis_url,
-            Keys(config.record.namespace, config.record.stream),
+        self._clients = Clients(redis_url, socket_timeout=socket_timeout)
+        client = self._clients.get("comparator")
+        keys = Keys(config.record.namespace, config.record.stream)
+        self.records = RecordConsumer(
+            client,
+            keys,
             group=compare.group,
             consumer=compare.consumer or default_consumer(),
-            limits=Limits(
-                compare.window_ttl,
-                compare.dedup_ttl,
-                compare.reservoir_per_window,
-                compare.examples_per_window,
-                compare.dead_letter_maxlen,
-            ),
-            socket_timeout=socket_timeout,
+            dead_letter_maxlen=compare.dead_letter_maxlen,
         )
+        self.aggregates = AggregateWriter(
+            client,
+            keys,
+            limits=Limits(
+                compare.window_ttl, compare.dedup_ttl, compare.reservoir_per_window, compare.examples_per_window
+            ),
+        )
+        self.health = Health("comparator")
         self.progress = Progress()
         self._stopping = asyncio.Event()
         self._semantic = SemanticScorer(compare.semantic) if compare.semantic.url else None
@@ -98,10 +108,31 @@ class Worker:
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def consumer(self) -> str:
+        return self.records.consumer
+
+    async def close(self) -> None:
+        await self._clients.close()
+
     async def run(self, *, burst: bool = False) -> Progress:
-        """Process until stopped (or, in burst mode, until nothing is left)."""
+        """Process until stopped (or, in burst mode, until nothing is left).
+
+        An exception that escapes a turn (a bug, not a bad record: those are dead-lettered) is logged,
+        counted in the health key and the loop goes on after a backoff; in burst mode it is raised.
+        """
         try:
-            return await self._run(burst=burst)
+            backoff = Backoff(0.2, 5.0)
+            while True:
+                try:
+                    return await self._run(burst=burst)
+                except Exception as exc:
+                    if burst:
+                        raise
+                    self.health.restarts += 1
+                    self.health.down(f"crashed: {type(exc).__name__}")
+                    log.error("comparator_crashed", error=f"{type(exc).__name__}: {exc}"[:500], **self._summary())
+                    await asyncio.sleep(backoff.next())
         finally:
             if self._semantic is not None:
                 await self._semantic.close()
@@ -109,60 +140,93 @@ class Worker:
                 await self._judge.close()
 
     async def _run(self, *, burst: bool) -> Progress:
-        await self.store.ensure_group()
-        log.info("comparator_started", consumer=self.store.consumer, group=self.store.group, burst=burst)
-        await self._process(await self.store.read_own_pending(self._config.batch_size))
+        backoff = Backoff(0.1, 5.0)
+        started = False
         last_beat = 0.0
         while not self._stopping.is_set():
             try:
+                if not started:
+                    await self.records.ensure_group()
+                    log.info("comparator_started", consumer=self.consumer, group=self.records.group, burst=burst)
+                    await self._process(await self.records.read_own_pending(self._config.batch_size))
+                    started = True
                 handled = await self._turn(block=not burst)
+                if not self.health.ok:
+                    log.warning("comparator_redis_resumed", consumer=self.consumer)
+                self.health.up()
+                backoff.reset()
+                if time.monotonic() - last_beat > self._config.health_ttl / 3:
+                    await self._heartbeat()
+                    last_beat = time.monotonic()
+                if burst and handled == 0 and await self.records.pending_count() == 0:
+                    break
             except StoreUnavailable as exc:
-                log.warning("comparator_redis_unavailable", error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            if time.monotonic() - last_beat > self._config.health_ttl / 3:
-                await self._heartbeat()
-                last_beat = time.monotonic()
-            if burst and handled == 0 and await self.store.pending_count() == 0:
-                break
-        await self._heartbeat()
+                self.progress.redis_errors += 1
+                if self.health.ok:
+                    log.warning("comparator_redis_unavailable", error=str(exc), kind=exc.kind)
+                self.health.down(f"redis {exc.kind}")
+                last_beat = 0.0  # say so in the health key as soon as Redis answers again
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff.next())
+        with contextlib.suppress(StoreUnavailable):
+            await self._heartbeat()
         log.info("comparator_stopped", **self._summary())
         return self.progress
 
     async def _turn(self, *, block: bool) -> int:
-        claimed = await self.store.reclaim(self._config.claim_idle_ms, self._config.batch_size)
-        self.progress.reclaimed += len(claimed)
+        claimed = await self.records.reclaim(self._config.claim_idle_ms, self._config.batch_size)
+        self.progress.reclaimed += len(claimed.entries)
         handled = await self._process(claimed)
-        entries = await self.store.read_new(self._config.batch_size, self._config.block_ms if block else 0)
-        if not entries and not block and not claimed and await self.store.pending_count() > 0:
+        batch = await self.records.read_new(self._config.batch_size, self._config.block_ms if block else 0)
+        if not batch.entries and not block and not claimed.entries and await self.records.pending_count() > 0:
             # Burst mode: give entries held by a dead consumer the chance to go idle and be reclaimed.
             await asyncio.sleep(min(0.2, self._config.claim_idle_ms / 1000.0))
-        return handled + await self._process(entries)
+        return handled + await self._process(batch)
 
-    async def _process(self, entries: list[Entry]) -> int:
+    async def _process(self, batch: Batch) -> int:
+        self.progress.trimmed += batch.trimmed
+        self.progress.deleted += batch.deleted
+        if batch.trimmed:
+            log.warning("records_trimmed_unread", count=batch.trimmed, consumer=self.consumer)
+        entries = batch.entries
         if not entries:
             return 0
-        parsed: list[Record] = []
-        for entry_id, fields in entries:
+        parsed: list[tuple[Entry, Record]] = []
+        for entry in entries:
             try:
-                record = parse_record(fields)
+                record = parse_record(entry[1])
             except PoisonRecord as exc:
-                await self.store.dead_letter(entry_id, fields, str(exc))
-                self.progress.dead_lettered += 1
-                log.warning("record_dead_lettered", entry_id=entry_id.decode(), reason=str(exc))
+                await self._dead_letter(entry, str(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - any failure on one record is that record's
+                await self._dead_letter(entry, f"{type(exc).__name__}: {exc}")
                 continue
             self._count_parse_errors(record)
-            parsed.append(record)
-        semantic = await self._semantic_scores(parsed)
-        judged = await self._judge_verdicts(parsed)
-        found: list[Contribution] = [c for r in parsed for c in contributions(r, self._settings, semantic, judged)]
-        applied = await self.store.apply(found)
+            parsed.append((entry, record))
+        records = [record for _, record in parsed]
+        semantic = await self._semantic_scores(records)
+        judged = await self._judge_verdicts(records)
+        found: list[Contribution] = []
+        for entry, record in parsed:
+            try:
+                found += contributions(record, self._settings, semantic, judged)
+            except RecursionError:
+                await self._dead_letter(entry, "too_deep")
+            except Exception as exc:  # noqa: BLE001 - a record that breaks the measures is set aside, not fatal
+                await self._dead_letter(entry, f"{type(exc).__name__}: {exc}")
+        applied = await self.aggregates.apply(found)
         # Acknowledge only after the aggregates are durably written (at least once).
-        await self.store.ack([entry_id for entry_id, _ in entries])
+        await self.records.ack([entry_id for entry_id, _ in entries])
         self.progress.read += len(entries)
         self.progress.applied += applied
         self.progress.duplicates += len(found) - applied
         return len(entries)
+
+    async def _dead_letter(self, entry: Entry, reason: str) -> None:
+        entry_id, fields = entry
+        await self.records.dead_letter(entry_id, fields, reason)
+        self.progress.dead_lettered += 1
+        log.warning("record_dead_lettered", entry_id=entry_id.decode(), reason=reason[:200])
 
     async def _semantic_scores(self, records: list[Record]) -> Semantic | None:
         """The batch's semantic scores when an embeddings endpoint is configured; its failures are counted."""
@@ -195,12 +259,15 @@ class Worker:
     def _summary(self) -> dict[str, object]:
         p = self.progress
         return {
-            "consumer": self.store.consumer,
+            "consumer": self.consumer,
             "read": p.read,
             "applied": p.applied,
             "duplicates": p.duplicates,
             "dead_lettered": p.dead_lettered,
             "reclaimed": p.reclaimed,
+            "trimmed": p.trimmed,
+            "deleted": p.deleted,
+            "redis_errors": p.redis_errors,
             "parse_errors": dict(p.parse_errors),
             "semantic_fallbacks": dict(p.semantic_fallbacks),
             "judged": p.judged,
@@ -208,5 +275,10 @@ class Worker:
         }
 
     async def _heartbeat(self) -> None:
-        status = {**self._summary(), "time": time.time(), "started": self.progress.started}
-        await self.store.heartbeat(status, self._config.health_ttl)
+        status = {
+            **self._summary(),
+            "time": time.time(),
+            "started": self.progress.started,
+            "health": self.health.as_dict(),
+        }
+        await self.records.heartbeat(status, self._config.health_ttl)

@@ -6,16 +6,16 @@ from dataclasses import dataclass, field
 
 from .budget import BUDGET_CAPTURE, MirrorCost, SpendLedger, SpendSync
 from .canary.controller import Controller
-from .canary.store import CanaryStore
 from .canary.weights import WeightWatcher
 from .comparator.offload import ReportBuilder
 from .config import CandidateConfig, Config, ConfigError, canary_candidate
 from .forwarding import CanaryRouting, Forwarder, ServingArm
 from .metrics import Metrics
 from .recorder import Recorder
+from .redis import CanaryStore, Clients, Keys, RecordWriter
 from .routing import MirrorPolicy, RouteTable
 from .shadow import ShadowDispatcher
-from .store import Keys, RecordStore
+from .supervisor import Health, Supervisor
 from .upstream import Upstream
 
 
@@ -38,13 +38,15 @@ class Runtime:
     metrics: Metrics
     incumbent: Upstream
     candidates: list[Upstream]
-    store: RecordStore | None
+    clients: Clients | None  # the process's Redis clients, one per role (None when nothing is recorded)
+    writer: RecordWriter | None
     recorder: Recorder | None
     shadows: tuple[ShadowDispatcher, ...]
     noise: ShadowDispatcher | None
     canary: Canary | None
     forwarder: Forwarder
     spend: SpendSync | None = None
+    supervisor: Supervisor = field(default_factory=Supervisor)
     shutting_down: bool = False
     upstreams: list[Upstream] = field(default_factory=list)
     # Reports and canary evidence are built in a child process, never on this event loop.
@@ -57,23 +59,24 @@ class Runtime:
     @classmethod
     def build(cls, config: Config) -> Runtime:
         metrics = Metrics()
+        supervisor = _supervisor(metrics)
         record = config.record
         incumbent = Upstream("incumbent", config.incumbent)
         cap = record.max_body_bytes if record.enabled else 0  # nothing is captured when nothing is recorded
         keys = Keys(record.namespace, record.stream)
-        store = recorder = canary = None
+        clients = writer = recorder = canary = None
         if record.enabled:
-            store = RecordStore(
-                record.redis_url,
+            clients = Clients(record.redis_url, socket_timeout=record.socket_timeout)
+            writer = RecordWriter(
+                clients.get("records"),
                 keys,
                 maxlen=record.maxlen,
-                socket_timeout=record.socket_timeout,
                 # Who served each request is kept (one key per request) only while feedback can use it.
                 served_ttl=config.canary.feedback_ttl if feedback_enabled(config) else 0,
             )
-            recorder = Recorder(store, record, metrics)
+            recorder = Recorder(writer, record, metrics, health=supervisor.health("recorder"))
             reports = ReportBuilder(offload=True)
-            canary = _canary(config, keys, metrics, cap, reports)
+            canary = _canary(config, clients, keys, metrics, cap, reports, supervisor)
         elif config.canary.enabled:
             raise ConfigError("canary.enabled = true needs Redis: set record.enabled = true (the weight lives there)")
         shadows = tuple(_candidate_mirror(config, c, metrics, cap) for c in config.candidate)
@@ -102,10 +105,13 @@ class Runtime:
             record_cap=cap,
         )
         candidates = [s.upstream for s in shadows]
-        runtime = cls(config, metrics, incumbent, candidates, store, recorder, shadows, noise, canary, forwarder)
+        runtime = cls(
+            config, metrics, incumbent, candidates, clients, writer, recorder, shadows, noise, canary, forwarder
+        )
+        runtime.supervisor = supervisor
         ledgers = {s.upstream.name: s.ledger for s in shadows if s.ledger is not None}
-        if store is not None and ledgers:
-            runtime.spend = SpendSync(store, ledgers)
+        if writer is not None and ledgers:
+            runtime.spend = SpendSync(writer, ledgers, health=supervisor.health("spend-sync"))
         if canary is not None:
             runtime.reports = canary.controller.builder
         runtime.upstreams = [incumbent, *candidates]
@@ -120,14 +126,37 @@ def feedback_enabled(config: Config) -> bool:
     return config.canary.enabled and bool(config.canary.feedback_path) and config.record.enabled
 
 
-def _canary(config: Config, keys: Keys, metrics: Metrics, cap: int, reports: ReportBuilder) -> Canary:
-    record = config.record
-    store = CanaryStore(record.redis_url, keys, socket_timeout=record.socket_timeout)
-    controller = Controller(config, record.redis_url, builder=reports)
+def _supervisor(metrics: Metrics) -> Supervisor:
+    """The process's loop supervisor, mirrored into ``shadow_proxy_loop_up`` and ``..._loop_restarts_total``."""
+
+    def changed(health: Health) -> None:
+        metrics.loop_up.labels(health.name).set(1.0 if health.ok else 0.0)
+
+    supervisor = Supervisor(changed)
+    supervisor.restarted = lambda name: metrics.loop_restarts.labels(name).inc()
+    return supervisor
+
+
+def _canary(
+    config: Config,
+    clients: Clients,
+    keys: Keys,
+    metrics: Metrics,
+    cap: int,
+    reports: ReportBuilder,
+    supervisor: Supervisor,
+) -> Canary:
+    store = CanaryStore(clients.get("control"), keys)
+    controller = Controller(config, clients, builder=reports)
     candidate = canary_candidate(config)
     if not config.canary.enabled or candidate is None:
         return Canary(store, controller, None, None, None)
-    weights = WeightWatcher(store, metrics, poll_interval=config.canary.weight_poll_interval)
+    weights = WeightWatcher(
+        store,
+        metrics,
+        poll_interval=config.canary.weight_poll_interval,
+        health=supervisor.health("canary-weights"),
+    )
     # The candidate serving live traffic gets a pool of its own, apart from the mirrors' pool.
     live_candidate = Upstream(candidate.name, candidate)
     reverse = None

@@ -1,4 +1,4 @@
-"""The canary's only Redis code: state (compare-and-set), events, the controller lease, pub/sub, feedback.
+"""The canary's Redis state: state (compare-and-set), events, the controller lease, pub/sub, feedback.
 
 Keys (all under the deployment's hash tag, see docs/redis.md):
   {ns}:canary:state    JSON CanaryState, changed only through COMMIT (version compare-and-set)
@@ -11,14 +11,17 @@ Keys (all under the deployment's hash tag, see docs/redis.md):
 
 from __future__ import annotations
 
+import contextlib
 import time
+from types import TracebackType
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
+import redis.asyncio as aioredis
 
-from ..store import Keys, StoreUnavailable, connect
-from .state import CanaryState, Transition
+from ..canary.state import CanaryState, Transition
+from .client import translated
+from .keys import Keys
 
 # KEYS: state, events. ARGV: expected version, new state json, event json, events maxlen, channel.
 _COMMIT = """
@@ -75,9 +78,9 @@ FEEDBACK_STORED, FEEDBACK_UNKNOWN, FEEDBACK_DUPLICATE = 1, 0, 2
 class CanaryStore:
     """State, events and lease of one deployment's canary."""
 
-    def __init__(self, url: str, keys: Keys, *, socket_timeout: float, events_maxlen: int = 10_000) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, events_maxlen: int = 10_000) -> None:
         self.keys = keys
-        self._redis = connect(url, socket_timeout=socket_timeout)
+        self._redis = client
         self._events_maxlen = events_maxlen
         self._commit = self._redis.register_script(_COMMIT)
         self._lease = self._redis.register_script(_LEASE)
@@ -86,28 +89,23 @@ class CanaryStore:
 
     @property
     def state_key(self) -> str:
-        return f"{self.keys.tag}:canary:state"
+        return self.keys.canary_state
 
     @property
     def events_key(self) -> str:
-        return f"{self.keys.tag}:canary:events"
+        return self.keys.canary_events
 
     @property
     def lease_key(self) -> str:
-        return f"{self.keys.tag}:canary:lease"
+        return self.keys.canary_lease
 
     @property
     def channel(self) -> str:
-        return f"{self.keys.tag}:canary"
-
-    async def close(self) -> None:
-        await self._redis.aclose()
+        return self.keys.canary_channel
 
     async def _call(self, coro: Any) -> Any:
-        try:
+        with translated():
             return await coro
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def state(self) -> CanaryState | None:
         raw = await self._call(self._redis.get(self.state_key))
@@ -149,8 +147,9 @@ class CanaryStore:
         raw = await self._call(self._redis.get(self.lease_key))
         return None if raw is None else raw.decode()
 
-    def pubsub(self) -> Any:
-        return self._redis.pubsub(ignore_subscribe_messages=True)
+    def subscribe(self) -> Subscription:
+        """The canary channel: ``async with store.subscribe() as sub: await sub.message(timeout)``."""
+        return Subscription(self._redis, self.channel)
 
     async def add_feedback(
         self, request_id: str, *, score: float | None, label: str | None, window: int, ttl: int
@@ -161,3 +160,30 @@ class CanaryStore:
             self._feedback(keys=keys, args=[ttl, "" if score is None else repr(score), label or ""])
         )
         return int(code), arm.decode() if isinstance(arm, bytes) else str(arm)
+
+
+class Subscription:
+    """A pub/sub subscription whose errors are ``StoreUnavailable`` like every other command's."""
+
+    def __init__(self, client: aioredis.Redis, channel: str) -> None:
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._channel = channel
+
+    async def __aenter__(self) -> Subscription:
+        with translated():
+            await self._pubsub.subscribe(self._channel)
+        return self
+
+    async def message(self, wait: float) -> bytes | None:
+        """The next published payload, or None when none came within ``wait`` seconds."""
+        with translated():
+            message = await self._pubsub.get_message(timeout=wait)
+        if message is not None and message.get("type") == "message":
+            return bytes(message["data"])
+        return None
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]

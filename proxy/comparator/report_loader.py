@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 
 from ..config import Config, canary_candidate
-from ..store import Keys
+from ..redis import AggregateReader, Clients, Keys
 from .offload import INLINE, ReportBuilder
 from .report_model import Report
-from .store import AggregateReader
 
 
 async def report_from(
@@ -66,12 +65,11 @@ async def load_report(
     segment_filter: dict[str, str] | None = None,
     candidate: str | None = None,
 ) -> Report:
-    reader = AggregateReader(
-        redis_url, Keys(config.record.namespace, config.record.stream), socket_timeout=config.record.socket_timeout
-    )
+    clients = Clients(redis_url, socket_timeout=config.record.socket_timeout)
+    reader = AggregateReader(clients.get("control"), Keys(config.record.namespace, config.record.stream))
     try:
         return await report_from(
             reader, config, since_seconds=since_seconds, segment_filter=segment_filter, candidate=candidate
         )
     finally:
-        await reader.close()
+        await clients.close()

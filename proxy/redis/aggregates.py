@@ -1,4 +1,4 @@
-"""The comparator's only Redis code: consumer group, idempotent aggregate updates, reads for reports.
+"""The comparator's aggregates: idempotent updates per (window, segment), and the reads reports need.
 
 Idempotency: one Lua script per (window, segment) group of a batch marks each request id as seen
 (``SET NX EX``) and adds only the unseen records' counters, atomically. A record delivered twice
@@ -12,17 +12,19 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+import redis.asyncio as aioredis
 from pydantic import ValidationError
-from redis.exceptions import RedisError, ResponseError
 
-from ..store import Keys, StoreUnavailable, connect
-from .aggregate import Contribution
-from .report_model import Report
+from ..comparator.report_model import Report
+from .client import execute, translated
+from .consumer import backlog
+from .keys import Keys
 
-Entry = tuple[bytes, dict[bytes, bytes]]
+if TYPE_CHECKING:
+    from ..comparator.aggregate import Contribution
 
 # KEYS: agg, pairs, examples zset, example data hash, windows zset, segments hash, then one seen key per record.
 # ARGV: ttl, seen_ttl, reservoir_max, examples_max, window, window member, segment id, segment json, and one
@@ -91,52 +93,17 @@ class Limits:
     seen_ttl: int
     reservoir: int
     examples: int
-    dead_letter_maxlen: int
 
 
-class ComparatorStore:
-    """Reads the records stream as a consumer group member and writes aggregates."""
+class AggregateWriter:
+    """Adds a batch's contributions to the per-(window, segment) aggregates, idempotently."""
 
-    def __init__(self, url: str, keys: Keys, *, group: str, consumer: str, limits: Limits, socket_timeout: float):
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, limits: Limits) -> None:
         self.keys = keys
-        self.group = group
-        self.consumer = consumer
+        self._redis = client
         self._limits = limits
-        self._redis = connect(url, socket_timeout=socket_timeout)
-        self._apply = self._redis.register_script(_APPLY)
+        self._apply = client.register_script(_APPLY)
         self._random = random.Random()
-
-    async def close(self) -> None:
-        await self._redis.aclose()
-
-    async def ensure_group(self) -> None:
-        """Create the consumer group at the start of the stream (and the stream) unless it exists."""
-        try:
-            await self._redis.xgroup_create(self.keys.records, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    async def read_new(self, count: int, block_ms: int) -> list[Entry]:
-        reply: Any = await self._redis.xreadgroup(
-            self.group, self.consumer, {self.keys.records: ">"}, count=count, block=block_ms or None
-        )
-        # RESP2 shape, pinned by connect(): [[stream, [(id, {field: value}), ...]]]
-        return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries if fields]
-
-    async def read_own_pending(self, count: int) -> list[Entry]:
-        """Entries delivered to this consumer earlier and never acknowledged (after a restart)."""
-        reply: Any = await self._redis.xreadgroup(self.group, self.consumer, {self.keys.records: "0"}, count=count)
-        return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries if fields]
-
-    async def reclaim(self, min_idle_ms: int, count: int) -> list[Entry]:
-        """Take over entries idle longer than min_idle_ms on other (dead) consumers."""
-        reply = await self._redis.xautoclaim(
-            self.keys.records, self.group, self.consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
-        )
-        # [next_start, [(id, fields), ...], deleted_ids] (Redis >= 7) or without deleted_ids (6.2).
-        claimed = reply[1] if len(reply) > 1 else []
-        return [(entry_id, fields) for entry_id, fields in claimed if fields]
 
     async def apply(self, contributions: Sequence[Contribution]) -> int:
         """Add contributions grouped by (window, segment); returns how many were new (not seen before)."""
@@ -182,35 +149,14 @@ class ComparatorStore:
                 orjson.dumps({"totals": totals, "records": records}),
             ]
             await self._apply(keys=keys, args=args, client=pipe)
-        try:
-            results = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        with translated():
+            results = await execute(pipe)
         return sum(int(r) for r in results)
-
-    async def dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
-        """Keep an unreadable record aside with the reason, so it never blocks the group."""
-        await self._redis.xadd(
-            self.keys.dead_letter,
-            {**fields, b"dead_letter.reason": reason.encode(), b"dead_letter.entry_id": entry_id},  # type: ignore[dict-item]
-            maxlen=self._limits.dead_letter_maxlen,
-            approximate=True,
-        )
-
-    async def ack(self, entry_ids: Sequence[bytes]) -> None:
-        if entry_ids:
-            await self._redis.xack(self.keys.records, self.group, *entry_ids)
-
-    async def heartbeat(self, status: dict[str, Any], ttl: int) -> None:
-        await self._redis.set(self.keys.worker(self.consumer), orjson.dumps(status), ex=ttl)
-
-    async def pending_count(self) -> int:
-        info = await self._redis.xpending(self.keys.records, self.group)
-        return int(info["pending"]) if info else 0
 
     async def forget_expired_windows(self) -> None:
         cutoff = time.time() - self._limits.window_ttl
-        await self._redis.zremrangebyscore(self.keys.windows, "-inf", cutoff)
+        with translated():
+            await self._redis.zremrangebyscore(self.keys.windows, "-inf", cutoff)
 
 
 PAIRS_BUDGET = 50_000  # paired samples one report loads at most (descriptive figures only: gates use counters)
@@ -231,15 +177,13 @@ class WindowData:
 class AggregateReader:
     """Reads aggregates over a time range for reports and verdicts, and stores the latest verdict."""
 
-    def __init__(self, url: str, keys: Keys, *, socket_timeout: float) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.keys = keys
-        self._redis = connect(url, socket_timeout=socket_timeout)
-
-    async def close(self) -> None:
-        await self._redis.aclose()
+        self._redis = client
 
     async def segments(self) -> dict[str, dict[str, Any]]:
-        raw: dict[bytes, bytes] = await self._redis.hgetall(self.keys.segments)  # type: ignore[assignment]
+        with translated():
+            raw: dict[bytes, bytes] = await self._redis.hgetall(self.keys.segments)  # type: ignore[assignment]
         return {k.decode(): orjson.loads(v) for k, v in raw.items()}
 
     async def load(self, since: float, until: float, examples: int) -> list[WindowData]:
@@ -249,6 +193,10 @@ class AggregateReader:
         proportion to its pairs; a reservoir is in random order, so its prefix is a uniform sample) and
         examples from the EXAMPLE_WINDOWS most recent windows; counters are always complete.
         """
+        with translated():
+            return await self._load(since, until, examples)
+
+    async def _load(self, since: float, until: float, examples: int) -> list[WindowData]:
         members: list[bytes] = await self._redis.zrangebyscore(self.keys.windows, since, until)  # type: ignore[assignment]
         parsed = []
         pipe = self._redis.pipeline(transaction=False)
@@ -257,7 +205,7 @@ class AggregateReader:
             parsed.append((int(window_text), segment))
             pipe.hgetall(self.keys.aggregate(int(window_text), segment))
         found = []
-        for (window, segment), counters_raw in zip(parsed, await pipe.execute(), strict=True):
+        for (window, segment), counters_raw in zip(parsed, await execute(pipe), strict=True):
             if counters_raw:  # else expired between the index and the read
                 counters = {k.decode(): float(v) for k, v in counters_raw.items()}
                 found.append(WindowData(window, segment, counters, [], []))
@@ -272,23 +220,25 @@ class AggregateReader:
             pipe.zrevrange(
                 self.keys.examples(data.window, data.segment), 0 if wanted else 1, wanted - 1 if wanted else 0
             )
-        replies = await pipe.execute() if found else []
+        replies = await execute(pipe) if found else []
         example_pipe = self._redis.pipeline(transaction=False)
         for index, data in enumerate(found):
             pairs_raw, example_ids = replies[index * 2 : index * 2 + 2]
             data.pairs.extend(orjson.loads(p) for p in pairs_raw)
             example_pipe.hmget(self.keys.example_data(data.window, data.segment), example_ids or ["-"])
-        example_replies = await example_pipe.execute() if found else []
+        example_replies = await execute(example_pipe) if found else []
         for data, payloads in zip(found, example_replies, strict=True):
             data.examples.extend(orjson.loads(p) for p in payloads if p)
         return found
 
     async def save_verdict(self, report: dict[str, Any], ttl: int) -> None:
-        await self._redis.set(self.keys.verdict, orjson.dumps(report), ex=ttl)
+        with translated():
+            await self._redis.set(self.keys.verdict, orjson.dumps(report), ex=ttl)
 
     async def workers(self) -> list[dict[str, Any]]:
-        keys = [k async for k in self._redis.scan_iter(match=self.keys.worker("*"), count=100)]
-        values = await self._redis.mget(keys) if keys else []
+        with translated():
+            keys = [k async for k in self._redis.scan_iter(match=self.keys.worker("*"), count=100)]
+            values = await self._redis.mget(keys) if keys else []
         return [orjson.loads(v) for v in values if v]
 
     async def feedback(self, since: float, until: float, step: int) -> dict[str, float]:
@@ -298,17 +248,21 @@ class AggregateReader:
         for window in range(first, int(until // step) * step + step, step):
             pipe.hgetall(self.keys.feedback(window))
         total: dict[str, float] = {}
-        for reply in await pipe.execute():
+        with translated():
+            replies = await execute(pipe)
+        for reply in replies:
             for key, value in reply.items():
                 total[key.decode()] = total.get(key.decode(), 0.0) + float(value)
         return total
 
     async def stream_length(self) -> int:
-        return int(await self._redis.xlen(self.keys.records))
+        with translated():
+            return int(await self._redis.xlen(self.keys.records))
 
     async def latest_verdict(self) -> Report | None:
         """The last stored report; None when there is none, or it was written by an older version."""
-        raw = await self._redis.get(self.keys.verdict)
+        with translated():
+            raw = await self._redis.get(self.keys.verdict)
         if raw is None:
             return None
         try:
@@ -316,9 +270,10 @@ class AggregateReader:
         except ValidationError:
             return None
 
+    async def backlog(self, group: str) -> dict[str, int | None]:
+        """Lag, pending, stream length and counted losses of a consumer group (``consumer.backlog``)."""
+        return await backlog(self._redis, self.keys, group)
+
     async def pending(self, group: str) -> int | None:
-        try:
-            info = await self._redis.xpending(self.keys.records, group)
-        except ResponseError:
-            return None
-        return int(info["pending"]) if info else 0
+        """Entries delivered to the group and not acknowledged; None when the group does not exist."""
+        return (await self.backlog(group))["pending"]

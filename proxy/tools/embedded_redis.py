@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-log = structlog.get_logger("shadow_proxy.embedded_redis")
+log = structlog.get_logger("shadow_proxy.tools.embedded_redis")
 
 
 class EmbeddedRedisError(RuntimeError):

@@ -19,12 +19,13 @@ from typing import Any
 
 import orjson
 
-from .config import Config, canary_candidate
-from .exchange import SCHEMA_VERSION, ArmCapture, now
-from .headers import end_to_end
-from .redaction import Redactor
-from .store import Keys, RecordStore, connect
-from .upstream import Upstream
+from ..config import Config, canary_candidate
+from ..exchange import SCHEMA_VERSION, ArmCapture, now
+from ..headers import end_to_end
+from ..redaction import Redactor
+from ..redis import Clients, Keys, RecordWriter
+from ..redis.records import read_records
+from ..upstream import Upstream
 
 _SKIP_HEADERS = frozenset({"host", "content-length", "x-request-id"})
 
@@ -44,17 +45,12 @@ class ReplayProgress:
 
 async def load_entries(config: Config, redis_url: str, *, last: int | None, since: float | None) -> list[Any]:
     """Records to replay, oldest first: the last N, or everything since a Unix time."""
-    redis = connect(redis_url, socket_timeout=config.record.socket_timeout)
-    key = Keys(config.record.namespace, config.record.stream).records
+    clients = Clients(redis_url, socket_timeout=config.record.socket_timeout)
     try:
-        entries: list[Any]
-        if since is not None:
-            entries = list(await redis.xrange(key, min=f"{int(since * 1000)}-0", max="+") or [])
-        else:
-            entries = list(reversed(list(await redis.xrevrange(key, count=last or 100) or [])))
-        return entries
+        keys = Keys(config.record.namespace, config.record.stream)
+        return list(await read_records(clients.get("control"), keys, last=last, since=since))
     finally:
-        await redis.aclose()
+        await clients.close()
 
 
 def _request(
@@ -77,8 +73,9 @@ class Replayer:
         target = next((c for c in config.candidate if c.name == name), None) if name else canary_candidate(config)
         assert target is not None, "replay needs a candidate (checked by the command)"
         self._upstream = Upstream(target.name, target)
-        self._store = RecordStore(
-            redis_url, Keys(record.namespace, record.stream), maxlen=record.maxlen, socket_timeout=record.socket_timeout
+        self._clients = Clients(redis_url, socket_timeout=record.socket_timeout)
+        self._store = RecordWriter(
+            self._clients.get("records"), Keys(record.namespace, record.stream), maxlen=record.maxlen
         )
         self._redactor = Redactor(record)
         self._headers = headers
@@ -107,7 +104,7 @@ class Replayer:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, return_exceptions=True)
             await self._upstream.close()
-            await self._store.close()
+            await self._clients.close()
         return self.progress
 
     async def _one(
@@ -162,10 +159,10 @@ class Replayer:
             "shadow_skipped": None,
         }
         # The original live arm is kept; every other arm (its mirrors, the A/A copy) is replaced.
-        new = {k: v for k, v in fields.items() if not k.startswith((b"body.shadow", b"body.noise"))}
+        new = {k: v for k, v in fields.items() if not k.startswith((b"body.shadow", b"body.noise")) and k != b"seq"}
         new[b"v"] = str(SCHEMA_VERSION).encode()
         new[b"request_id"] = request_id.encode()
         new[b"meta"] = orjson.dumps(meta)
         new[f"body.shadow.{arm.upstream}".encode()] = self._redactor.body(arm.body, arm.truncated)
-        await self._store.append([{k.decode(): v for k, v in new.items()}])
+        await self._store.append([new])
         self.progress.recorded += 1

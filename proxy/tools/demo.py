@@ -21,13 +21,13 @@ from aiohttp import web
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .comparator.render import render
-from .comparator.report_model import Report
-from .comparator.service import load_report
-from .comparator.worker import Worker
-from .config import Config, load_config
+from ..comparator.render import render
+from ..comparator.report_loader import load_report
+from ..comparator.report_model import Report
+from ..comparator.worker import Worker
+from ..config import Config, load_config
+from ..server import ProxyServer
 from .embedded_redis import EmbeddedRedis
-from .server import ProxyServer
 
 PROMPTS = [
     "What is the capital of France?",
@@ -209,7 +209,7 @@ async def run_demo(*, requests: int, rate: float, keep_running: bool, console: C
                 finally:
                     worker.stop()
                     await worker_task
-                    await worker.store.close()
+                    await worker.close()
                     await proxy.stop()
         finally:
             await asyncio.to_thread(redis_server.stop)

@@ -1,0 +1,98 @@
+"""The proxy's writes: records appended to the stream (each numbered), who served what, shared spend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from .client import execute, translated
+from .keys import Keys
+
+# KEYS: records stream, seq counter. ARGV: maxlen, then per record its field-pair count n and 2n values.
+# Each entry gets ``seq`` (first field), the counter's next value: seqs are dense and in stream order, so
+# a consumer group can tell exactly how many entries were trimmed before it read them (docs/redis.md).
+_APPEND = """
+local maxlen = ARGV[1]
+local i, added = 2, 0
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local seq = redis.call('INCR', KEYS[2])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'seq', seq, unpack(ARGV, i + 1, i + 2 * n))
+  i = i + 1 + 2 * n
+  added = added + 1
+end
+return added
+"""
+
+
+class RecordWriter:
+    """Appends records in one round trip per batch, trimmed with ``MAXLEN ~``."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, maxlen: int, served_ttl: int = 0) -> None:
+        self.keys = keys
+        self._redis = client
+        self._maxlen = maxlen
+        self._served_ttl = served_ttl
+        self._append = client.register_script(_APPEND)
+
+    async def append(self, entries: Sequence[Mapping[bytes, bytes]]) -> None:
+        """Add every entry (atomically numbered); raise StoreUnavailable if the batch may not be stored.
+
+        A batch that fails may have been stored in part or whole: retrying it is safe because the
+        comparator counts each request id once.
+        """
+        if not entries:
+            return
+        args: list[bytes | int] = [self._maxlen]
+        for fields in entries:
+            args.append(len(fields))
+            for key, value in fields.items():
+                args += (key, value)
+        pipe = self._redis.pipeline(transaction=False)
+        await self._append(keys=[self.keys.records, self.keys.records_seq], args=args, client=pipe)
+        if self._served_ttl:
+            for fields in entries:
+                # Which arm served this request, so user feedback can be joined to it later.
+                served = self.keys.served(fields.get(b"client_request_id", fields[b"request_id"]).decode())
+                # Feedback compares the two arms of the canary: the incumbent and the candidate it promotes.
+                arm = b"incumbent" if fields[b"served_by"] == b"incumbent" else b"candidate"
+                pipe.set(served, arm, ex=self._served_ttl)
+        with translated():
+            await execute(pipe)
+
+    async def sync_spend(
+        self, candidate: str, added: dict[int, float], minutes: Sequence[int], ttl: int
+    ) -> dict[int, float]:
+        """Add this process's spend per minute to the shared counters; the deployment's totals for ``minutes``."""
+        pipe = self._redis.pipeline(transaction=False)
+        for minute, amount in added.items():
+            key = self.keys.spend(candidate, minute)
+            pipe.incrbyfloat(key, amount)
+            pipe.expire(key, ttl)
+        pipe.mget([self.keys.spend(candidate, m) for m in minutes])
+        with translated():
+            replies = await execute(pipe)
+        return {m: float(v) for m, v in zip(minutes, replies[-1], strict=True) if v is not None}
+
+    async def ping(self) -> tuple[bool, str]:
+        try:
+            with translated():
+                await self._redis.ping()
+        except Exception as exc:  # noqa: BLE001 - a probe reports, it never raises
+            return False, getattr(exc, "kind", type(exc).__name__)
+        return True, "ok"
+
+
+async def read_records(
+    client: aioredis.Redis, keys: Keys, *, last: int | None, since: float | None
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Recorded entries, oldest first: the last N (default 100), or everything since a Unix time."""
+    entries: Any
+    with translated():
+        if since is not None:
+            entries = await client.xrange(keys.records, min=f"{int(since * 1000)}-0", max="+")
+        else:
+            entries = list(reversed(list(await client.xrevrange(keys.records, count=last or 100) or [])))
+    return list(entries or [])
