@@ -308,7 +308,8 @@ async def test_a_candidate_that_never_answers_is_ejected_holds_few_slots_and_is_
 
 
 async def test_a_slow_candidate_within_the_threshold_is_not_ejected(upstreams, proxies) -> None:
-    """Answers that take a while, but send headers before slow_after, are measured, never ejected."""
+    """Answers that take a while, but send headers before the candidate's slow_after, are measured, never ejected
+    (the candidate's own slow_after overrides the [shadow] one, which these answers would exceed)."""
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(0.05)
@@ -318,8 +319,8 @@ async def test_a_slow_candidate_within_the_threshold_is_not_ejected(upstreams, p
     candidate = await upstreams(slow)
     proxy = await proxies(
         incumbent={"url": incumbent.url},
-        candidate={"url": candidate.url},
-        shadow={"slow_after": 5.0, "breaker_failures": 2},
+        candidate={"url": candidate.url, "slow_after": 5.0},
+        shadow={"slow_after": 0.01, "breaker_failures": 2},
         record={"enabled": False},
     )
     (mirror,) = proxy.runtime.shadows
