@@ -211,6 +211,7 @@ class CandidateConfig(UpstreamConfig):
     sample_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     routes: tuple[str, ...] | None = None
     max_in_flight: int | None = Field(default=None, ge=1)
+    slow_after: Seconds | None = None
     # Spend cap on mirrors: the candidate's cost over the last hour (its price table, else the maintained
     # price list, and the usage its answers report). Beyond it mirrors are skipped (reason "budget"). 0: none.
     budget_per_hour: float = Field(default=0.0, ge=0.0)
@@ -231,6 +232,8 @@ class ShadowConfig(_Section):
     max_body_bytes: ByteSize = 1024**2
     breaker_failures: int = Field(default=20, ge=0)
     breaker_cooldown: PositiveSeconds = 5.0
+    breaker_max_cooldown: PositiveSeconds = 300.0
+    slow_after: Seconds = 30.0
     marker_header: str = "x-shadow-request"
     marker_value: str = "1"
     drain_timeout: Seconds = 10.0

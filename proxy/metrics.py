@@ -70,6 +70,25 @@ class Metrics:
             ["target", "error"],
             registry=r,
         )
+        self.mirrors_slow = Counter(
+            "shadow_proxy_mirrors_slow",
+            "Mirrors with no response headers after shadow.slow_after seconds (a breaker failure), by target.",
+            ["target"],
+            registry=r,
+        )
+        self.mirror_ejections = Counter(
+            "shadow_proxy_mirror_ejections",
+            "Times the mirror breaker ejected a target (opened, or reopened after a failed probe).",
+            ["target"],
+            registry=r,
+        )
+        self.mirror_breaker_state = Gauge(
+            "shadow_proxy_mirror_breaker_state",
+            "Mirror breaker state by target: 0 closed, 1 open (ejected), 2 half-open (a probe is out).",
+            ["target"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.mirror_spend = Counter(
             "shadow_proxy_mirror_spend",
             "Cost of finished mirrors, by target (price table or price list x usage), for spend budgets.",

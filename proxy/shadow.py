@@ -2,7 +2,9 @@
 
 A mirror is its own task, not the handler's: a client disconnect does not cancel it, and a slow
 or failing candidate only ever costs a slot in this set. When the set is full the mirror is
-dropped and counted, never queued behind the live path.
+dropped and counted, never queued behind the live path. A target that does not answer is ejected
+by its breaker (``breaker.py``): its mirrors waiting past ``slow_after`` are cancelled (recorded with
+error "ejected"), so it holds a few slots, not all of them, until a probe finds it answering again.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
-from .breaker import Breaker
+from .breaker import STATE_VALUES, Breaker, Change
 from .budget import SpendLedger
 from .config import ShadowConfig
 from .exchange import ArmCapture, Exchange, now
@@ -26,6 +29,21 @@ CostOf = Callable[[ArmCapture, bytes], float | None]
 COST_INLINE_BYTES = 32 * 1024
 
 log = structlog.get_logger("shadow_proxy.shadow")
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """One running mirror: its capture, its task, its slow timer; ``judged`` once the breaker has its outcome."""
+
+    arm: ArmCapture
+    task: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    judged: bool = False
+
+    @property
+    def waiting(self) -> bool:
+        """Still waiting for the response headers."""
+        return self.arm.first_byte is None and self.arm.end is None
 
 
 class ShadowDispatcher:
@@ -44,6 +62,7 @@ class ShadowDispatcher:
         capture_cap: int,
         policy: MirrorPolicy,
         max_in_flight: int | None = None,
+        slow_after: float | None = None,
         target: str = "candidate",
         role: str = "shadow",
         ledger: SpendLedger | None = None,
@@ -59,14 +78,21 @@ class ShadowDispatcher:
         self._max_in_flight = max_in_flight or config.max_in_flight
         self._metrics = metrics
         self._cap = capture_cap
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._breaker = Breaker(config.breaker_failures, config.breaker_cooldown) if config.breaker_failures else None
+        self._flights: dict[asyncio.Task[None], _Flight] = {}
+        self._breaker = (
+            Breaker(config.breaker_failures, config.breaker_cooldown, config.breaker_max_cooldown)
+            if config.breaker_failures
+            else None
+        )
+        self._slow_after = config.slow_after if slow_after is None else slow_after
         self._gauge = metrics.mirrors_in_flight.labels(target)
+        self._state_gauge = metrics.mirror_breaker_state.labels(target)
+        self._state_gauge.set(0)
         self._warned_unpriced = False
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return len(self._flights)
 
     def skip_reason(self, exchange: Exchange) -> str | None:
         """Why this exchange gets no mirror from this target (a metric label), or None to mirror it."""
@@ -75,13 +101,16 @@ class ShadowDispatcher:
         )
         if reason is not None:
             return reason
-        if len(self._tasks) >= self._max_in_flight:
+        if len(self._flights) >= self._max_in_flight:
             return "full"
         if self.ledger is not None and self.ledger.exhausted(time.time()):
             return "budget"
         # Last: allow() may hand out the breaker's one probe, which must then really be sent.
-        if self._breaker is not None and not self._breaker.allow(now()):
-            return "target_down"
+        if self._breaker is not None:
+            allowed = self._breaker.allow(now())
+            self._state_gauge.set(STATE_VALUES[self._breaker.state])
+            if not allowed:
+                return "target_down"
         return None
 
     def dispatch(self, exchange: Exchange, raw_path_qs: str, headers: list[tuple[str, str]]) -> ArmCapture | None:
@@ -98,16 +127,25 @@ class ShadowDispatcher:
             arm.tail = bytearray()
         exchange.expect_arm()
         headers = [*headers, (self._config.marker_header, self._config.marker_value)]
-        task = asyncio.create_task(self._mirror(exchange, arm, raw_path_qs, headers))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        flight = _Flight(arm)
+        task = flight.task = asyncio.create_task(self._mirror(exchange, flight, raw_path_qs, headers))
+        self._flights[task] = flight
+        task.add_done_callback(self._forget)
+        if self._breaker is not None and self._slow_after > 0:
+            flight.timer = asyncio.get_running_loop().call_later(self._slow_after, self._on_slow, flight)
         self._metrics.mirrors_sent.labels(self.target).inc()
         self._gauge.inc()
         return arm
 
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        flight = self._flights.pop(task, None)
+        if flight is not None and flight.timer is not None:
+            flight.timer.cancel()
+
     async def _mirror(
-        self, exchange: Exchange, arm: ArmCapture, raw_path_qs: str, headers: list[tuple[str, str]]
+        self, exchange: Exchange, flight: _Flight, raw_path_qs: str, headers: list[tuple[str, str]]
     ) -> None:
+        arm = flight.arm
         try:
             # Shaped here, in the mirror's own task: the live path never pays for another arm's rewrite.
             shaped = self.upstream.shaping.apply(exchange.body, headers)
@@ -117,13 +155,13 @@ class ShadowDispatcher:
                 self._metrics.mirrors_failed.labels(self.target, failure.error).inc()
                 self._metrics.upstream_errors.labels(self.upstream.name, arm.role, failure.error).inc()
                 log.debug("mirror_failed", error=failure.error, detail=failure.detail)
-            self._account_breaker(failure.error if failure is not None else None)
+            self._judge(flight, failure.error if failure is not None else None)
             # Billed: answered, even when the stream was cut short; refused (4xx/5xx) calls are not.
             if self.ledger is not None and self._cost_of is not None and arm.status is not None and arm.status < 400:
                 await self._charge(self.ledger, self._cost_of, arm, shaped.body)
         except asyncio.CancelledError:
-            arm.finish(now(), "cancelled_at_shutdown")
-            self._metrics.mirrors_failed.labels(self.target, "cancelled_at_shutdown").inc()
+            arm.finish(now(), "cancelled_at_shutdown")  # unless the breaker cancelled it: then "ejected"
+            self._metrics.mirrors_failed.labels(self.target, arm.error or "cancelled_at_shutdown").inc()
             raise
         finally:
             if arm.end is not None and arm.error is None:
@@ -146,26 +184,58 @@ class ShadowDispatcher:
         ledger.add(amount, time.time())
         self._metrics.mirror_spend.labels(self.target).inc(amount)
 
-    def _account_breaker(self, error: str | None) -> None:
-        if self._breaker is None:
+    def _on_slow(self, flight: _Flight) -> None:
+        """``slow_after`` passed since the mirror started: without headers yet it is a breaker failure,
+        and while the target is ejected it gives its slot back at once."""
+        flight.timer = None
+        if not flight.waiting or flight.judged:
             return
+        self._metrics.mirrors_slow.labels(self.target).inc()
+        self._judge(flight, "slow")
+        if self._breaker is not None and self._breaker.open:
+            self._eject(flight)
+
+    def _judge(self, flight: _Flight, error: str | None) -> None:
+        """Give the breaker this mirror's outcome, once (a slow mirror was judged when it became slow)."""
+        if self._breaker is None or flight.judged:
+            return
+        flight.judged = True
         change = self._breaker.record(error, now())
-        if change == "opened":
-            log.warning(
-                "mirror_target_down",
-                target=self.target,
-                upstream=self.upstream.url(""),
-                pause_seconds=self._breaker.cooldown,
-                failures=self._breaker.failures,
-            )
-        elif change == "closed":
+        self._state_gauge.set(STATE_VALUES[self._breaker.state])
+        if change is not None:
+            self._on_change(change)
+
+    def _on_change(self, change: Change) -> None:
+        assert self._breaker is not None
+        if change == "closed":
             log.warning("mirror_target_back", target=self.target)
+            return
+        self._metrics.mirror_ejections.labels(self.target).inc()
+        log.warning(
+            "mirror_target_down",
+            target=self.target,
+            upstream=self.upstream.url(""),
+            pause_seconds=self._breaker.pause,
+            ejections=self._breaker.ejections,
+            failures=self._breaker.failures,
+        )
+        # Mirrors already found slow would hold their slots until the read timeout: give them back now.
+        # Younger ones follow when their own slow timer fires.
+        for other in list(self._flights.values()):
+            if other.judged and other.waiting:
+                self._eject(other)
+
+    def _eject(self, flight: _Flight) -> None:
+        """Cancel a mirror that is still waiting for headers; it is recorded with error "ejected"."""
+        if flight.task is not None and not flight.task.done() and flight.waiting:
+            flight.arm.finish(now(), "ejected")
+            flight.task.cancel()
 
     async def drain(self, grace: float) -> None:
         """Let running mirrors finish within the deadline, then cancel the rest (recorded as such)."""
-        if not self._tasks:
+        if not self._flights:
             return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        _, pending = await asyncio.wait(set(self._flights), timeout=grace)
         if pending:
             log.warning("mirrors_cancelled_at_shutdown", count=len(pending))
             for task in pending:

@@ -193,6 +193,7 @@ def _candidate_mirror(config: Config, candidate: CandidateConfig, metrics: Metri
         capture_cap=cap,
         policy=_policy(config, routes=candidate.routes, sample_rate=rate),
         max_in_flight=candidate.max_in_flight,
+        slow_after=candidate.slow_after,
         target=candidate.name,
         ledger=ledger,
         cost_of=cost,

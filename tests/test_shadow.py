@@ -245,3 +245,126 @@ async def test_shutdown_cancels_mirrors_past_the_drain_deadline_and_records_them
     assert metrics.value("shadow_proxy_records_written_total") == 1
     (record,) = records(redis_client)
     assert record["meta"]["arms"]["shadow.candidate"]["error"] == "cancelled_at_shutdown"
+
+
+async def test_a_candidate_that_never_answers_is_ejected_holds_few_slots_and_is_readmitted_when_it_answers(
+    upstreams, proxies, redis_url, redis_client
+) -> None:
+    """Mirrors without headers past slow_after eject the target and give their slots back; once it answers
+    again a probe closes the breaker and mirrors flow and are recorded. The live path sees only 200s."""
+    release = asyncio.Event()
+    incumbent = await upstreams(echo)
+    candidate = await upstreams(_hanging(release))
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": candidate.url},
+        shadow={"slow_after": 0.2, "breaker_failures": 3, "breaker_cooldown": 0.2, "breaker_max_cooldown": 0.4},
+        record={"redis_url": redis_url},
+    )
+    (mirror,) = proxy.runtime.shadows
+    metrics = proxy.runtime.metrics
+
+    def value(name: str, **labels: str) -> float:
+        return metrics.value(name, target="candidate", **labels)
+
+    def answered() -> float:
+        return metrics.value("shadow_proxy_upstream_duration_seconds_count", upstream="candidate", role="shadow")
+
+    sent, peak = 0, 0
+    async with aiohttp.ClientSession() as client:
+
+        async def until(done, limit: int = 500) -> None:  # type: ignore[no-untyped-def]
+            # A steady request rate (a pause between requests) until the condition holds.
+            nonlocal sent, peak
+            for _ in range(limit):
+                async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
+                    assert resp.status == 200
+                sent += 1
+                peak = max(peak, mirror.in_flight)
+                if done():
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError("condition not reached")
+
+        # Ejected, and at least one probe failed too (it was ejected as well, not left hanging).
+        await until(lambda: value("shadow_proxy_mirror_ejections_total") >= 2)
+        assert not release.is_set()
+        await eventually(lambda: mirror.in_flight == 0)  # every hung mirror gave its slot back
+        assert peak < 40, f"{peak} slots held by a candidate that never answers"  # of max_in_flight 256
+        assert value("shadow_proxy_mirrors_skipped_total", reason="full") == 0
+        assert value("shadow_proxy_mirrors_skipped_total", reason="target_down") > 0
+        assert value("shadow_proxy_mirrors_failed_total", error="ejected") >= 3
+        assert value("shadow_proxy_mirrors_slow_total") >= 3
+
+        release.set()  # the candidate recovers
+        await until(lambda: value("shadow_proxy_mirror_breaker_state") == 0 and answered() >= 3)
+    await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == sent)
+    arms = [r["meta"]["arms"].get("shadow.candidate") for r in records(redis_client)]
+    skipped = [r["meta"]["shadow_skipped"] for r in records(redis_client)]
+    assert all(arm is None or arm["error"] in {"ejected", None} for arm in arms)
+    assert sum(arm is not None and arm["error"] == "ejected" for arm in arms) >= 3
+    assert {"candidate": "target_down"} in skipped
+    assert arms[-1] is not None and arms[-1]["status"] == 200 and arms[-1]["error"] is None
+
+
+async def test_a_slow_candidate_within_the_threshold_is_not_ejected(upstreams, proxies) -> None:
+    """Answers that take a while, but send headers before the candidate's slow_after, are measured, never ejected
+    (the candidate's own slow_after overrides the [shadow] one, which these answers would exceed)."""
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)
+        return web.json_response({"ok": True})
+
+    incumbent = await upstreams(echo)
+    candidate = await upstreams(slow)
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": candidate.url, "slow_after": 5.0},
+        shadow={"slow_after": 0.01, "breaker_failures": 2},
+        record={"enabled": False},
+    )
+    (mirror,) = proxy.runtime.shadows
+    metrics = proxy.runtime.metrics
+    async with aiohttp.ClientSession() as client:
+        for _ in range(10):
+            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
+                assert resp.status == 200
+    await eventually(lambda: mirror.in_flight == 0)
+    assert metrics.value("shadow_proxy_upstream_duration_seconds_count", upstream="candidate", role="shadow") == 10
+    assert metrics.value("shadow_proxy_mirrors_slow_total", target="candidate") == 0
+    assert metrics.value("shadow_proxy_mirror_ejections_total", target="candidate") == 0
+    assert metrics.value("shadow_proxy_mirror_breaker_state", target="candidate") == 0
+
+
+async def test_occasional_timeouts_below_the_threshold_do_not_eject(upstreams, proxies) -> None:
+    """A read timeout every other mirror never makes breaker_failures in a row: every mirror is still sent."""
+    release = asyncio.Event()
+    calls = 0
+
+    async def every_other_hangs(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls % 2:
+            await release.wait()
+        return web.json_response({"ok": True})
+
+    incumbent = await upstreams(echo)
+    candidate = await upstreams(every_other_hangs)
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": candidate.url, "read_timeout": 0.2},
+        shadow={"breaker_failures": 2},
+        record={"enabled": False},
+    )
+    (mirror,) = proxy.runtime.shadows
+    metrics = proxy.runtime.metrics
+    async with aiohttp.ClientSession() as client:
+        for _ in range(8):
+            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
+                assert resp.status == 200
+            await eventually(lambda: mirror.in_flight == 0)  # outcomes reach the breaker in request order
+    release.set()
+    assert metrics.value("shadow_proxy_mirrors_failed_total", target="candidate", error="read_timeout") == 4
+    assert metrics.value("shadow_proxy_mirrors_sent_total", target="candidate") == 8
+    assert metrics.value("shadow_proxy_mirror_ejections_total", target="candidate") == 0
+    assert metrics.value("shadow_proxy_mirrors_skipped_total", target="candidate", reason="target_down") == 0
