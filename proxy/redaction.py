@@ -106,7 +106,10 @@ class Redactor:
                 return _withheld("truncated JSON body withheld: its fields cannot be checked for masking")
             # Form bodies, SSE streams, cut JSON: scrubbed pair by pair.
             return self._names.scrub(body, self._marker) if may_hold else body
-        hit = may_hold and self._names.mask(document, self._marker)
+        try:
+            hit = may_hold and self._names.mask(document, self._marker)
+        except RecursionError:  # nested deeper than Python recurses: cannot be walked, so not kept
+            return _withheld("JSON body withheld: nested too deep to be checked for secrets")
         for path in self._paths:
             hit = _mask(document, path, self._marker) or hit
         return orjson.dumps(document) if hit else body

@@ -174,3 +174,10 @@ def test_query_parameters_named_like_secrets_are_masked() -> None:
     assert _redactor().query("apiKey=1&client_secret=2&max_tokens=3&a=4") == (
         "apiKey=[REDACTED]&client_secret=[REDACTED]&max_tokens=3&a=4"
     )
+
+
+def test_a_body_nested_too_deep_to_walk_is_withheld() -> None:
+    """JSON that orjson parses but Python cannot recurse through is not kept (the writer task survives)."""
+    body = b'{"api_key": "sk-1", "a": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    out = _redactor().body(body, False)
+    assert out == b'{"redacted":"JSON body withheld: nested too deep to be checked for secrets"}'
