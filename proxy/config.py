@@ -260,6 +260,7 @@ class RecordConfig(_Section):
     socket_timeout: PositiveSeconds = 5.0
     redact_headers: tuple[str, ...] = ()
     redact_json_paths: tuple[str, ...] = ()
+    redact_keys: tuple[str, ...] = ()  # extra secret key names, matched like the built-in ones (redaction.py)
     redact_query_params: tuple[str, ...] = ("api_key", "api-key", "key", "token", "access_token")
     redact_marker: str = "[REDACTED]"
     embedded_dir: str = ""

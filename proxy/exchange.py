@@ -214,14 +214,14 @@ class Exchange:
             # The id the client knows (feedback names it): its own, else ours.
             "client_request_id": (self.client_request_id or self.request_id).encode(),
             "served_by": (self.live.upstream if self.live else "").encode(),
-            "body.request": redact.body(self.body[:cap], len(self.body) > cap),
+            "body.request": redact.body(self.body[:cap], len(self.body) > cap, content_encoding(self.headers)),
         }
         arms: dict[str, Any] = {}
         for key, arm in self._keyed_arms():
             summary = arm.summary(self.received)
             summary["headers"] = redact.headers([(k, v) for k, v in summary["headers"]])
             arms[key] = summary
-            fields[f"body.{key}"] = redact.body(arm.body, arm.truncated)
+            fields[f"body.{key}"] = redact.body(arm.body, arm.truncated, content_encoding(arm.headers))
         meta["arms"] = arms
         fields["meta"] = orjson.dumps(meta)
         return fields
@@ -242,7 +242,12 @@ class Redaction(Protocol):
 
     def query(self, query: str) -> str: ...
 
-    def body(self, body: bytes, truncated: bool) -> bytes: ...
+    def body(self, body: bytes, truncated: bool, encoding: str = "") -> bytes: ...
+
+
+def content_encoding(headers: list[tuple[str, str]]) -> str:
+    """The Content-Encoding a body travelled with ("" when none): redaction inflates to check it."""
+    return next((value for name, value in headers if name.lower() == "content-encoding"), "")
 
 
 def now() -> float:

@@ -1,21 +1,39 @@
-"""Secrets never reach Redis: headers, query parameters and JSON body fields are masked here.
+"""Secrets never reach Redis: headers, query parameters and body fields are masked here.
 
-Runs in the recorder's writer task, never on the live path.
+Runs in the recorder's writer task, never on the live path, so it must stay cheap: a body is parsed
+only when a fast scan finds a secret name in it (``SecretNames.may_hold``). The rules are listed in
+docs/records.md ("Never recorded").
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
 
 from .config import RecordConfig
+from .secret_names import SecretNames
 
-# Always masked, whatever the configuration says.
+# Always masked, whatever the configuration says: the providers' credential headers by name, and
+# any header whose name contains one of HEADER_WORDS (rate-limit counters excepted).
 ALWAYS_REDACTED_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key"}
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "openai-api-key",
+        "ocp-apim-subscription-key",
+    }
 )
+HEADER_WORDS = ("auth", "token", "secret", "key")
+INFLATED_CAP = 16 * 1024 * 1024  # a compressed body is checked up to this size inflated; beyond, withheld
+_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 
 
 class Redactor:
@@ -25,39 +43,80 @@ class Redactor:
         self._headers = ALWAYS_REDACTED_HEADERS | {h.lower() for h in config.redact_headers}
         self._params = frozenset(p.lower() for p in config.redact_query_params)
         self._paths = tuple(tuple(p.split(".")) for p in config.redact_json_paths)
+        self._names = SecretNames(config.redact_keys)
         self._marker = config.redact_marker
 
     def headers(self, items: list[tuple[str, str]]) -> list[list[str]]:
-        return [[name.lower(), self._marker if name.lower() in self._headers else value] for name, value in items]
+        """Every header kept with its name; a secret one's value replaced by the marker."""
+        return [[name.lower(), self._marker if self._secret_header(name.lower()) else value] for name, value in items]
+
+    def _secret_header(self, name: str) -> bool:
+        if name in self._headers:
+            return True
+        # x-ratelimit-remaining-tokens and the like are counts the comparator may want.
+        return "ratelimit" not in name and any(word in name for word in HEADER_WORDS)
 
     def query(self, query: str) -> str:
-        if not query or not self._params:
+        if not query:
             return query
         parts = []
         for part in query.split("&"):
             name, sep, _ = part.partition("=")
-            if sep and unquote_plus(name).lower() in self._params:
+            plain = unquote_plus(name)
+            if sep and (plain.lower() in self._params or self._names.is_secret(plain)):
                 part = f"{name}={self._marker}"
             parts.append(part)
         return "&".join(parts)
 
-    def body(self, body: bytes, truncated: bool) -> bytes:
-        """Mask configured JSON paths; a body that cannot be parsed to check is replaced whole."""
-        if not self._paths or not body:
+    def body(self, body: bytes, truncated: bool, encoding: str = "") -> bytes:
+        """The body with every secret field masked; what cannot be checked is replaced whole.
+
+        ``encoding`` is the body's Content-Encoding: gzip and deflate bodies are inflated to be
+        checked (and compressed again only when something was masked); others are withheld."""
+        if not body:
+            return body
+        encoding = encoding.strip().lower()
+        if encoding in ("", "identity"):
+            return self._plain(body, truncated)
+        wbits = _WBITS.get(encoding)
+        if wbits is None:
+            return _withheld(f"{encoding}-encoded body withheld: it cannot be checked for secrets")
+        inflater = zlib.decompressobj(wbits)
+        try:
+            plain = inflater.decompress(body, INFLATED_CAP)
+        except zlib.error:
+            return _withheld("compressed body withheld: it does not inflate, so it cannot be checked for secrets")
+        if inflater.unconsumed_tail:
+            return _withheld("compressed body withheld: it inflates past the size that is checked for secrets")
+        redacted = self._plain(plain, truncated or not inflater.eof)
+        if redacted is plain:
+            return body
+        deflater = zlib.compressobj(1, zlib.DEFLATED, wbits)
+        return deflater.compress(redacted) + deflater.flush()
+
+    def _plain(self, body: bytes, truncated: bool) -> bytes:
+        may_hold = self._names.may_hold(body)
+        if not may_hold and not self._paths:
             return body
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:
-            if truncated and body.lstrip()[:1] in (b"{", b"["):
+            if truncated and self._paths and body.lstrip()[:1] in (b"{", b"["):
                 # A cut JSON body might hold a field we were told to mask: keep none of it.
-                return orjson.dumps(
-                    {"redacted": "truncated JSON body withheld: its fields cannot be checked for masking"}
-                )
-            return body
-        hit = False
+                return _withheld("truncated JSON body withheld: its fields cannot be checked for masking")
+            # Form bodies, SSE streams, cut JSON: scrubbed pair by pair.
+            return self._names.scrub(body, self._marker) if may_hold else body
+        try:
+            hit = may_hold and self._names.mask(document, self._marker)
+        except RecursionError:  # nested deeper than Python recurses: cannot be walked, so not kept
+            return _withheld("JSON body withheld: nested too deep to be checked for secrets")
         for path in self._paths:
             hit = _mask(document, path, self._marker) or hit
         return orjson.dumps(document) if hit else body
+
+
+def _withheld(reason: str) -> bytes:
+    return orjson.dumps({"redacted": reason})
 
 
 def _mask(node: Any, path: tuple[str, ...], marker: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from ..config import Config, canary_candidate
-from ..exchange import SCHEMA_VERSION, ArmCapture, now
+from ..exchange import SCHEMA_VERSION, ArmCapture, content_encoding, now
 from ..headers import end_to_end
 from ..redaction import Redactor
 from ..redis import Clients, Keys, RecordWriter
@@ -163,6 +163,8 @@ class Replayer:
         new[b"v"] = str(SCHEMA_VERSION).encode()
         new[b"request_id"] = request_id.encode()
         new[b"meta"] = orjson.dumps(meta)
-        new[f"body.shadow.{arm.upstream}".encode()] = self._redactor.body(arm.body, arm.truncated)
+        new[f"body.shadow.{arm.upstream}".encode()] = self._redactor.body(
+            arm.body, arm.truncated, content_encoding(arm.headers)
+        )
         await self._store.append([new])
         self.progress.recorded += 1
