@@ -65,7 +65,8 @@ COPY --from=builder /opt/shadow-proxy /opt/shadow-proxy
 
 # The default config (mount your own over /etc/shadow-proxy/config.toml, or override single keys
 # with SHADOW_PROXY_<SECTION>_<KEY>). In a container the admin listener must listen on every
-# interface, or neither HEALTHCHECK nor Kubernetes probes reach it.
+# interface, or neither HEALTHCHECK nor Kubernetes probes reach it; so serve needs an admin token and
+# refuses to start without one: docker run -e SHADOW_PROXY_ADMIN_TOKEN="$(openssl rand -hex 32)" ...
 RUN mkdir -p /etc/shadow-proxy \
  && printf '%s\n' \
         '# Default configuration of the shadow-proxy image; every key: config.example.toml.' \

@@ -20,11 +20,21 @@ import orjson
 import uvloop
 
 from . import __version__, logs
-from .config import Config, ConfigError, load_config, masked, parse_duration, require_incumbent, split_listen
+from .canary.tokens import with_feedback_secret
+from .config import (
+    Config,
+    ConfigError,
+    load_config,
+    masked,
+    parse_duration,
+    require_admin_token,
+    require_incumbent,
+    split_listen,
+)
 from .redis import StoreUnavailable
 from .server import serve_until_signal, worker_main
 from .tools.embedded_redis import EmbeddedRedis, EmbeddedRedisError, default_data_dir, free_port
-from .wiring import check_budgets
+from .wiring import check_budgets, feedback_enabled
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -209,8 +219,11 @@ def _spawn_workers(config: Config) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=_overrides(args))
     require_incumbent(config)
+    require_admin_token(config)
     check_budgets(config)
     logs.configure(config.proxy.log_level, config.proxy.log_format)
+    if feedback_enabled(config):
+        config = with_feedback_secret(config)  # drawn once here, so every worker shares it
     embedded: EmbeddedRedis | None = None
     if config.record.enabled and not config.record.redis_url:
         data_dir = Path(config.record.embedded_dir) if config.record.embedded_dir else default_data_dir()
@@ -388,6 +401,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
+    require_admin_token(config)
     sys.stdout.buffer.write(orjson.dumps(masked(config), option=orjson.OPT_INDENT_2) + b"\n")
     return EXIT_OK
 

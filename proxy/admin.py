@@ -1,4 +1,10 @@
-"""The admin listener: liveness, readiness (upstreams and Redis) and Prometheus metrics."""
+"""The admin listener: liveness, readiness (upstreams and Redis) and Prometheus metrics.
+
+Recorded content (the report's examples: prompts, answers and their request ids) is served only to a
+request bearing ``admin.token``, or to anyone when no token is set and the listener is on loopback
+(serve refuses a non-loopback listener without a token). Otherwise the report comes without it and
+says so (``examples_withheld``). /healthz, /readyz and /metrics hold no recorded content and stay open.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from . import dashboard
 from .canary.controller import Controller
 from .comparator.report_loader import report_from
 from .comparator.verdict import overall_outcome
-from .config import parse_duration
+from .config import on_loopback, parse_duration
 from .exposition import redis_families, registry_for_scrape
 from .redis import AggregateReader, Keys, StoreUnavailable
 from .wiring import Runtime
@@ -94,6 +100,9 @@ async def report(request: web.Request) -> web.Response:
     reader = request.app[READER].reader
     if reader is None:
         return _json({"error": {"message": "recording is disabled: no report", "type": "not_available"}}, 404)
+    allowed = _may_read_records(request)
+    if allowed is None:
+        return _json({"error": {"message": "wrong admin token", "type": "forbidden"}}, 403)
     try:
         since = parse_duration(request.query.get("since", runtime.config.compare.report_since))
     except ValueError as exc:
@@ -126,7 +135,36 @@ async def report(request: web.Request) -> web.Response:
             f"no candidate named {candidate!r}: configured or seen in range are {', '.join(sorted(known)) or 'none'}"
         )
         return _json({"error": {"message": message, "type": "unknown_candidate"}}, 404)
-    return _json(report_.as_json())
+    body = report_.as_json()
+    if not allowed:
+        body["examples"] = []
+        for gates in [body["verdict"]["gates"], *(segment["gates"] for segment in body["segments"])]:
+            _withhold(gates)
+    body["examples_withheld"] = not allowed
+    return _json(body)
+
+
+def _withhold(gates: list[dict[str, Any]]) -> None:
+    """Drops the request ids a gate's examples name."""
+    for gate in gates:
+        gate["examples"] = []
+
+
+def _may_read_records(request: web.Request) -> bool | None:
+    """May this request see recorded content? True, False (no token sent: withhold it) or None (a wrong one)."""
+    admin = request.app[RUNTIME].config.admin
+    if not admin.token:
+        return on_loopback(admin.listen)
+    given = request.headers.get("Authorization")
+    if given is None:
+        return False
+    return _token_matches(given, admin.token) or None
+
+
+def _token_matches(header: str, expected: str) -> bool:
+    return header.startswith("Bearer ") and hmac.compare_digest(
+        header.removeprefix("Bearer ").encode(), expected.encode()
+    )
 
 
 def _authorised(request: web.Request) -> web.Response | None:
@@ -141,7 +179,7 @@ def _authorised(request: web.Request) -> web.Response | None:
         )
         response.headers["WWW-Authenticate"] = 'Bearer realm="shadow-proxy admin"'
         return response
-    if not hmac.compare_digest(given.removeprefix("Bearer ").encode(), expected.encode()):
+    if not _token_matches(given, expected):
         return _json({"error": {"message": "wrong admin token", "type": "forbidden"}}, 403)
     return None
 

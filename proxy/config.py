@@ -7,6 +7,7 @@ into frozen models that the rest of the program receives and never mutates.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -29,7 +30,7 @@ from pydantic import (
 from .headers import HOP_BY_HOP, REQUEST_REPLACED
 
 ENV_PREFIX = "SHADOW_PROXY_"
-SECRET_KEYS = frozenset({"token", "api_key"})
+SECRET_KEYS = frozenset({"token", "api_key", "feedback_secret"})
 MASK = "***"
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
@@ -88,9 +89,15 @@ class ProxyConfig(_Section):
 
 class AdminConfig(_Section):
     listen: Listen = "127.0.0.1:9901"
+    # Needed for mutations and for recorded content (report examples); required off loopback.
     token: str = ""
     health_check_timeout: PositiveSeconds = 1.0
     report_cache_seconds: Seconds = 5.0
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token(cls, value: Any, info: ValidationInfo) -> Any:
+        return resolved_secret(value, info, "admin.token")
 
 
 class PriceConfig(_Section):
@@ -134,6 +141,13 @@ def _resolve(template: str, environ: Mapping[str, str], where: str) -> str:
     if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value):
         raise ValueError(f"{where}: the value holds a control character (a line break?), which no header may carry")
     return value
+
+
+def resolved_secret(value: Any, info: ValidationInfo, where: str) -> Any:
+    """A secret string with its ${VAR} / ${file:PATH} references expanded; other types left for pydantic."""
+    if not isinstance(value, str):
+        return value
+    return _resolve(value, (info.context or {}).get("environ", os.environ), where)
 
 
 class UpstreamConfig(_Section):
@@ -394,12 +408,20 @@ class CanaryConfig(_Section):
     lease_ttl: PositiveSeconds = 15.0
     weight_poll_interval: PositiveSeconds = 5.0
     sticky_keys: tuple[str, ...] = ("header:x-user-id", "cookie:session_id", "header:authorization", "client_ip")
-    served_by_header: str = "x-served-by"
+    # Empty: no header says which arm served (a user who knows could bias the feedback).
+    served_by_header: str = ""
     reverse_shadow: bool = True
     feedback_path: str = "/_shadow/feedback"
+    # Key of the per-request feedback tokens; every replica must share it (empty: random per process tree).
+    feedback_secret: str = ""
     feedback_ttl: int = Field(default=86_400, ge=60)
     min_feedback: int = Field(default=30, ge=2)
     satisfaction_drop_max: float = Field(default=0.05, ge=0.0)
+
+    @field_validator("feedback_secret", mode="before")
+    @classmethod
+    def _feedback_secret(cls, value: Any, info: ValidationInfo) -> Any:
+        return resolved_secret(value, info, "canary.feedback_secret")
 
     @field_validator("sticky_keys")
     @classmethod
@@ -641,6 +663,29 @@ def require_incumbent(config: Config) -> None:
         raise ConfigError(
             "missing config key incumbent.url: pass --incumbent URL, set [incumbent] url, or SHADOW_PROXY_INCUMBENT_URL"
         )
+
+
+def on_loopback(listen: str) -> bool:
+    """True when HOST:PORT only accepts connections from this host."""
+    host, _ = split_listen(listen)
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def require_admin_token(config: Config) -> None:
+    """An admin listener other hosts can reach serves recorded prompts and answers and moves the canary:
+    it needs a token (serve and check-config refuse it otherwise)."""
+    if config.admin.token or on_loopback(config.admin.listen):
+        return
+    raise ConfigError(
+        f"missing config key admin.token: admin.listen = {config.admin.listen!r} is not a loopback address and "
+        'the admin API serves recorded prompts and answers: set [admin] token (e.g. "${file:/run/secrets/token}") '
+        "or SHADOW_PROXY_ADMIN_TOKEN, or listen on 127.0.0.1"
+    )
 
 
 def canary_candidate(config: Config) -> CandidateConfig | None:

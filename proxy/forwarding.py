@@ -18,6 +18,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from .canary import tokens
 from .exchange import ArmCapture, Exchange, now
 from .headers import append_via, end_to_end, request_headers
 from .metrics import Metrics
@@ -74,6 +75,8 @@ class Forwarder:
     via: str
     max_body_bytes: int
     record_cap: int
+    # While feedback is on, every answer carries the token that lets its receiver send feedback for it.
+    feedback_tokens: tokens.FeedbackTokens | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The single route of the main listener: every method, every path."""
@@ -111,8 +114,8 @@ class Forwarder:
         self._mirror(exchange, raw_target, headers, arm.mirrors)
         try:
             response = await self._relay(request, exchange, raw_target, headers, arm.upstream)
-            if self.canary is not None and self.canary.served_by_header and not response.prepared:
-                response.headers[self.canary.served_by_header] = arm.upstream.name
+            if not response.prepared:
+                self._label(response, arm.upstream, request_id)
             return response
         finally:
             exchange.arm_done()
@@ -145,6 +148,13 @@ class Forwarder:
         if request.version >= aiohttp.HttpVersion11:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
+
+    def _label(self, response: web.StreamResponse, upstream: Upstream, request_id: str) -> None:
+        """The headers about the canary: which arm served (when configured) and the feedback token."""
+        if self.canary is not None and self.canary.served_by_header:
+            response.headers[self.canary.served_by_header] = upstream.name
+        if self.feedback_tokens is not None:
+            response.headers[tokens.HEADER] = self.feedback_tokens.issue(request_id)
 
     def _exchange(self, request: web.Request, request_id: str, body: bytes, upstream: Upstream) -> Exchange:
         path, _, query = request.raw_path.partition("?")
@@ -208,8 +218,7 @@ class Forwarder:
                 response.headers.add(name, value)
             response.headers["Via"] = append_via(upstream_response.headers.items(), self.via)
             response.headers[self.request_id_header] = exchange.client_request_id or exchange.request_id
-            if self.canary is not None and self.canary.served_by_header:
-                response.headers[self.canary.served_by_header] = upstream.name
+            self._label(response, upstream, exchange.client_request_id or exchange.request_id)
             try:
                 await response.prepare(request)
             except ConnectionError:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .budget import BUDGET_CAPTURE, MirrorCost, SpendLedger, SpendSync
 from .canary.controller import Controller
+from .canary.tokens import FeedbackTokens, with_feedback_secret
 from .canary.weights import WeightWatcher
 from .comparator.offload import ReportBuilder
 from .config import CandidateConfig, Config, ConfigError, canary_candidate
@@ -103,6 +104,7 @@ class Runtime:
             via=config.proxy.via,
             max_body_bytes=config.limits.max_body_bytes,
             record_cap=cap,
+            feedback_tokens=_feedback_tokens(config),
         )
         candidates = [s.upstream for s in shadows]
         runtime = cls(
@@ -124,6 +126,13 @@ class Runtime:
 def feedback_enabled(config: Config) -> bool:
     """Feedback compares arms only while a canary can serve users from the candidate."""
     return config.canary.enabled and bool(config.canary.feedback_path) and config.record.enabled
+
+
+def _feedback_tokens(config: Config) -> FeedbackTokens | None:
+    """`serve` draws a missing secret before spawning workers; an in-process server draws its own."""
+    if not feedback_enabled(config):
+        return None
+    return FeedbackTokens(with_feedback_secret(config).canary.feedback_secret)
 
 
 def _supervisor(metrics: Metrics) -> Supervisor:

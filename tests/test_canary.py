@@ -41,6 +41,7 @@ def _canary(**overrides: Any) -> dict[str, Any]:
         "lease_ttl": 2.0,
         "weight_poll_interval": 0.5,
         "stage": _stages(0.0, 0.2, 0.6, 1.0),
+        "served_by_header": "x-served-by",  # off by default; these tests read which arm served
         **overrides,
     }
 
@@ -192,7 +193,7 @@ async def test_two_controllers_never_both_act(redis_url, redis_client) -> None:
 
 
 async def test_feedback_joins_to_the_arm_that_served(upstreams, proxies, redis_url) -> None:
-    """Feedback for a request is stored against the arm named in its x-served-by; bad input is refused."""
+    """Feedback with its token is stored against the arm named in its x-served-by; bad input is refused."""
     incumbent, candidate = await upstreams(chat({})), await upstreams(chat({}))
     proxy = await proxies(
         incumbent={"url": incumbent.url},
@@ -202,20 +203,27 @@ async def test_feedback_joins_to_the_arm_that_served(upstreams, proxies, redis_u
         canary=_canary(stage=_stages(0.5, duration=3600)),
     )
     served: dict[str, str] = {}
+    tokens: dict[str, str] = {}
     async with aiohttp.ClientSession() as client:
         base = f"http://127.0.0.1:{proxy.port}"
         for i in range(30):
             async with client.post(f"{base}/v1/chat/completions", data=b"{}", headers={"X-User-Id": f"u{i}"}) as resp:
                 served[resp.headers["x-request-id"]] = resp.headers["x-served-by"]
+                tokens[resp.headers["x-request-id"]] = resp.headers["x-feedback-token"]
         assert set(served.values()) == {"incumbent", "candidate"}
         await eventually(lambda: proxy.runtime.metrics.value("shadow_proxy_records_written_total") == 30)
         for request_id, arm in served.items():
-            async with client.post(f"{base}/_shadow/feedback", json={"request_id": request_id, "score": 0.8}) as resp:
+            feedback = {"request_id": request_id, "score": 0.8, "token": tokens[request_id]}
+            async with client.post(f"{base}/_shadow/feedback", json=feedback) as resp:
                 assert resp.status == 200 and (await resp.json())["arm"] == arm
         request_id = next(iter(served))
+        token = tokens[request_id]
+        # The endpoint issues no token itself: a token for an unknown id is forged from the same secret.
+        assert proxy.runtime.forwarder.feedback_tokens is not None
+        unknown = proxy.runtime.forwarder.feedback_tokens.issue("nope")
         cases = [
-            ({"request_id": request_id, "score": 1}, 409),
-            ({"request_id": "nope", "score": 1}, 404),
+            ({"request_id": request_id, "score": 1, "token": token}, 409),
+            ({"request_id": "nope", "score": 1, "token": unknown}, 404),
             ({"request_id": request_id, "score": 2}, 400),
             ({"request_id": request_id}, 400),
             ({"request_id": request_id, "score": 1, "label": "x"}, 400),
@@ -303,6 +311,7 @@ url = "{candidate}"
 redis_url = "{redis_url}"
 [canary]
 enabled = true
+served_by_header = "x-served-by"
 weight_poll_interval = 5.0
 lease_ttl = 2.0
 evaluate_interval = 0.5

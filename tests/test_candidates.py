@@ -297,7 +297,13 @@ async def test_the_canary_serves_its_named_candidate_shaped_and_keeps_mirroring_
         incumbent={"url": incumbent.url},
         candidate=candidates,
         record={"redis_url": redis_url},
-        canary={"enabled": True, "candidate": "vllm", "stage": [stage], "weight_poll_interval": 0.1},
+        canary={
+            "enabled": True,
+            "candidate": "vllm",
+            "stage": [stage],
+            "weight_poll_interval": 0.1,
+            "served_by_header": "x-served-by",
+        },
     )
     assert proxy.runtime.canary is not None and proxy.runtime.canary.weights is not None
     await eventually(lambda: proxy.runtime.canary.weights.weight == 1.0)  # type: ignore[union-attr]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import CandidateConfig, ConfigError, load_config, masked
+from proxy.config import CandidateConfig, ConfigError, load_config, masked, require_admin_token
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -264,3 +264,51 @@ def test_environment_values_lose_a_trailing_newline(tmp_path: Path) -> None:
     text = '[candidate]\nurl = "http://c:1"\n[candidate.set_headers]\nauthorization = "Bearer ${K}"\n'
     config = load_config(_write(tmp_path, text), environ={"K": "abc\n"})
     assert config.candidate[0].set_headers["authorization"].get_secret_value() == "Bearer abc"
+
+
+def test_admin_off_loopback_without_a_token_exits_2(tmp_path: Path) -> None:
+    """serve and check-config refuse an admin listener on every interface without admin.token, in one line."""
+    path = _write(tmp_path, '[admin]\nlisten = "0.0.0.0:9901"\n[incumbent]\nurl = "http://127.0.0.1:1"\n')
+    for args in (["check-config", str(path)], ["serve", "--config", str(path)]):
+        result = _cli(*args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1
+        assert "admin.token" in result.stderr and "'0.0.0.0:9901' is not a loopback address" in result.stderr
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9901", "127.0.0.2:0", "[::1]:9901", "localhost:9901"])
+def test_admin_on_loopback_needs_no_token(listen: str) -> None:
+    """Loopback addresses, by number or as localhost, are accepted without a token."""
+    require_admin_token(load_config(None, environ={}, overrides={"admin": {"listen": listen}}))
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9901", "[::]:9901", "10.0.0.5:9901", "admin.internal:9901"])
+def test_admin_elsewhere_needs_a_token(listen: str) -> None:
+    """Any other address, a host name included, needs admin.token."""
+    with pytest.raises(ConfigError, match=r"^missing config key admin\.token: "):
+        require_admin_token(load_config(None, environ={}, overrides={"admin": {"listen": listen}}))
+    require_admin_token(load_config(None, environ={}, overrides={"admin": {"listen": listen, "token": "t"}}))
+
+
+def test_secrets_come_from_the_environment_or_a_file_and_are_masked(tmp_path: Path) -> None:
+    """admin.token and canary.feedback_secret resolve ${VAR} and ${file:PATH}; check-config shows neither."""
+    secret_file = tmp_path / "token"
+    secret_file.write_text("file-token-123\n")
+    text = (
+        '[admin]\nlisten = "0.0.0.0:9901"\ntoken = "${file:' + str(secret_file) + '}"\n'
+        '[canary]\nfeedback_secret = "${FEEDBACK_SECRET}"\n[incumbent]\nurl = "http://a:1"\n'
+    )
+    config = load_config(_write(tmp_path, text), environ={"FEEDBACK_SECRET": "env-secret-456"})
+    assert (config.admin.token, config.canary.feedback_secret) == ("file-token-123", "env-secret-456")
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(_write(tmp_path, text))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "FEEDBACK_SECRET": "env-secret-456"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"token": "***"' in result.stdout and '"feedback_secret": "***"' in result.stdout
+    assert "file-token-123" not in result.stdout and "env-secret-456" not in result.stdout
+    with pytest.raises(ConfigError, match="environment variable NOPE is not set"):
+        load_config(None, environ={}, overrides={"admin": {"token": "${NOPE}"}})

@@ -118,7 +118,7 @@ class Stack:
         await worker.close()
 
 
-async def stack(upstreams, proxies, redis_url: str, n: int = 150) -> Stack:  # type: ignore[no-untyped-def]
+async def stack(upstreams, proxies, redis_url: str, n: int = 150, token: str = "") -> Stack:  # type: ignore[no-untyped-def]
     """Proxy, both arms, a held canary and n requests over about three seconds, compared by a burst worker."""
     # Incumbent errors give the error chart data without failing the canary's error gate.
     incumbent = await upstreams(chat_server(10, failing=True))
@@ -130,6 +130,7 @@ async def stack(upstreams, proxies, redis_url: str, n: int = 150) -> Stack:  # t
         "record": {"redis_url": redis_url},
         "compare": {"window_seconds": 1, "noise_sample_rate": 0.5},
         "canary": {"enabled": True, "stage": [{"weight": 0.0, **stage}, {"weight": 0.25, **stage}]},
+        "admin": {"token": token},
     }
     result = Stack(await proxies(**sections), sections, redis_url)
     await result.traffic(range(n))
@@ -315,6 +316,24 @@ async def test_examples_highlight_the_differing_words(browser: Browser, upstream
             assert await example.locator("ins").all_inner_texts() == ["city"]
             assert await example.locator("del").count() == 0
     assert kinds == sorted(kinds, reverse=True) and set(kinds) == {"failed", "differs"}  # failures first
+
+
+async def test_dashboard_sends_the_token_from_the_url_fragment(browser: Browser, upstreams, proxies, redis_url) -> None:
+    """Without the admin token the examples are withheld; opened as /#token=..., the page shows them, sends the
+    token only as a Bearer header and drops it from the address bar."""
+    admin = (await stack(upstreams, proxies, redis_url, n=60, token="s3cret")).admin
+    state = await browser.open(admin)
+    assert state["examplesWithheld"] is True and state["examples"] == 0 and state["error"] is None
+    assert "#token=<admin.token>" in await browser.page.inner_text("#examples-body")
+    sent: list[str | None] = []
+    browser.page.on("request", lambda r: sent.append(r.headers.get("authorization")) if "api/" in r.url else None)
+    state = await browser.open(admin + "?refresh=1#token=s3cret")
+    assert state["examplesWithheld"] is False and state["examples"] > 0
+    assert await browser.page.locator("#examples-body .example").count() == state["examples"]
+    await browser.page.wait_for_function("() => window.shadowDashboard.refreshes >= 2")  # the token is kept
+    assert "token" not in browser.page.url and not any("s3cret" in url for url in browser.requested)
+    assert sent and set(sent) == {"Bearer s3cret"}
+    assert browser.page_errors == [] and browser.console_errors == []
 
 
 async def test_dashboard_stays_on_loopback_without_errors(browser: Browser, upstreams, proxies, redis_url) -> None:

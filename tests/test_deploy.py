@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from proxy.__main__ import _overrides, _parser
-from proxy.config import Config, load_config, require_incumbent, split_listen
+from proxy.config import Config, ConfigError, load_config, require_admin_token, require_incumbent, split_listen
 
 ROOT = Path(__file__).parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -83,11 +83,21 @@ def _port_number(container: dict[str, Any], port: int | str) -> int:
     return number
 
 
-def _configmap_config(tmp_path: Path) -> Config:
+def _configmap_config(tmp_path: Path, environ: dict[str, str] | None = None) -> Config:
     text = _one("ConfigMap", "shadow-proxy-config")["data"]["config.toml"]
     path = tmp_path / "config.toml"
     path.write_text(text)
-    return load_config(path, environ={})
+    return load_config(path, environ=environ or {})
+
+
+def _secret_env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's variables that come from a Secret, with the Secret's (placeholder) values."""
+    out = {}
+    for entry in container.get("env", []):
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            out[entry["name"]] = _one("Secret", ref["name"])["stringData"][ref["key"]]
+    return out
 
 
 def _prestop_sleep(container: dict[str, Any]) -> float:
@@ -180,13 +190,29 @@ def test_config_file_argument_is_the_mounted_configmap(name: str) -> None:
     assert relative in _one("ConfigMap", configmap)["data"]
 
 
-def test_admin_token_comes_from_the_secret() -> None:
-    """SHADOW_PROXY_ADMIN_TOKEN is read from a key of the token Secret, never written in the manifests."""
+@pytest.mark.parametrize("variable", ["SHADOW_PROXY_ADMIN_TOKEN", "SHADOW_PROXY_CANARY_FEEDBACK_SECRET"])
+def test_proxy_secrets_come_from_the_secret(variable: str) -> None:
+    """The admin token and the feedback secret are read from keys of the Secret, never written in the manifests."""
     env = {e["name"]: e for e in _container("shadow-proxy")["env"]}
-    ref = env["SHADOW_PROXY_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    ref = env[variable]["valueFrom"]["secretKeyRef"]
     secret = _one("Secret", ref["name"])
     assert ref["key"] in secret["stringData"]
     assert "REPLACE" in secret["stringData"][ref["key"]]
+    assert not ref.get("optional"), "serve must not start without it"
+    text = _one("ConfigMap", "shadow-proxy-config")["data"]["config.toml"]
+    assert "token =" not in text and "feedback_secret =" not in text
+
+
+def test_proxy_serves_only_with_the_admin_token_of_the_secret(tmp_path: Path) -> None:
+    """The ConfigMap's admin listener is on 0.0.0.0: serve refuses it alone and accepts it with the pod's Secret
+    variables, which give the admin token and the feedback secret."""
+    with pytest.raises(ConfigError, match="admin.token"):
+        require_admin_token(_configmap_config(tmp_path))
+    environ = _secret_env(_container("shadow-proxy"))
+    config = _configmap_config(tmp_path, environ)
+    require_admin_token(config)
+    assert config.admin.token == environ["SHADOW_PROXY_ADMIN_TOKEN"]
+    assert config.canary.feedback_secret == environ["SHADOW_PROXY_CANARY_FEEDBACK_SECRET"]
 
 
 def test_pods_disable_service_links() -> None:
@@ -331,16 +357,26 @@ def _compose() -> dict[str, Any]:
     return compose
 
 
-def _interpolate(value: str) -> str:
-    """Compose's ${NAME:-default} with nothing set in the environment."""
-    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+def _interpolate(value: str, environ: dict[str, str] | None = None) -> str:
+    """Compose's ${NAME:-default} and ${NAME:?error} (ValueError when NAME is unset or empty)."""
+
+    def one(match: re.Match[str]) -> str:
+        name, kind, word = match.groups()
+        if (environ or {}).get(name):
+            return (environ or {})[name]
+        if kind == "?":
+            raise ValueError(f"{name}: {word}")
+        return str(word)
+
+    return re.sub(r"\$\{(\w+):([-?])([^}]*)\}", one, value)
 
 
-def _service_config(name: str, tmp_path: Path) -> tuple[list[str], Config]:
-    """The command of a compose service and the config it resolves to with the image's default file."""
+def _service_config(name: str, tmp_path: Path, shell: dict[str, str] | None = None) -> tuple[list[str], Config]:
+    """The command of a compose service and the config it resolves to with the image's default file
+    (shell: the variables set where `docker compose` runs)."""
     service = _compose()["services"][name]
-    command = [_interpolate(part) for part in service["command"]]
-    environ = {key: _interpolate(str(value)) for key, value in service.get("environment", {}).items()}
+    command = [_interpolate(part, shell) for part in service["command"]]
+    environ = {key: _interpolate(str(value), shell) for key, value in service.get("environment", {}).items()}
     config_file = tmp_path / "config.toml"
     config_file.write_text(_image_default_config())
     command = [str(config_file) if part == CONFIG_PATH else part for part in command]
@@ -364,12 +400,21 @@ def test_compose_proxy_serves_placeholder_upstreams_from_environment(tmp_path: P
     raw = _compose()["services"]["proxy"]["command"]
     assert raw[raw.index("--incumbent") + 1].startswith("${INCUMBENT_URL:-")
     assert raw[raw.index("--candidate") + 1].startswith("${CANDIDATE_URL:-")
-    command, config = _service_config("proxy", tmp_path)
+    command, config = _service_config("proxy", tmp_path, {"SHADOW_PROXY_ADMIN_TOKEN": "t0ken"})
     assert command[0] == "serve"
     require_incumbent(config)
     assert config.candidate[0].url
     assert config.record.redis_url == "redis://redis:6379/0"
     assert config.admin.listen == "0.0.0.0:9901"
+
+
+def test_compose_proxy_needs_the_admin_token(tmp_path: Path) -> None:
+    """Compose stops when SHADOW_PROXY_ADMIN_TOKEN is not set; when it is, the proxy gets it and may serve."""
+    with pytest.raises(ValueError, match="SHADOW_PROXY_ADMIN_TOKEN"):
+        _service_config("proxy", tmp_path)
+    _, config = _service_config("proxy", tmp_path, {"SHADOW_PROXY_ADMIN_TOKEN": "t0ken"})
+    require_admin_token(config)
+    assert config.admin.token == "t0ken"
 
 
 def test_compose_comparator_runs_compare_without_healthcheck(tmp_path: Path) -> None:
@@ -500,6 +545,15 @@ def test_dockerfile_default_config_listens_on_every_interface(tmp_path: Path) ->
     config = load_config(path, environ={})
     assert config.proxy.listen == "0.0.0.0:8080"
     assert config.admin.listen == "0.0.0.0:9901"
+
+
+def test_dockerfile_default_config_serves_only_with_an_admin_token(tmp_path: Path) -> None:
+    """The image's admin listener is on every interface: serve refuses it until SHADOW_PROXY_ADMIN_TOKEN is set."""
+    path = tmp_path / "config.toml"
+    path.write_text(_image_default_config())
+    with pytest.raises(ConfigError, match="admin.token"):
+        require_admin_token(load_config(path, environ={}))
+    require_admin_token(load_config(path, environ={"SHADOW_PROXY_ADMIN_TOKEN": "t0ken"}))
 
 
 def test_dockerfile_exposes_proxy_and_admin_ports() -> None:

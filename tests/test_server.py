@@ -194,3 +194,34 @@ def test_port_in_use_exits_1_with_a_message(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert "address already in use" in result.stderr.lower()
+
+
+async def test_workers_share_a_drawn_feedback_secret(upstreams, serve, redis_url, tmp_path: Path) -> None:
+    """--workers 2 without canary.feedback_secret: serve draws one before spawning, so either worker accepts
+    the feedback token the other issued, and says in its log that the secret is random."""
+    incumbent = await upstreams(echo)
+    config = tmp_path / "canary.toml"
+    config.write_text("[canary]\nenabled = true\n[[canary.stage]]\nweight = 0.0\nmin_duration = 3600\n")
+    port, admin = free_port(), free_port()
+    process = serve(
+        *("--config", str(config), "--listen", f"127.0.0.1:{port}", "--incumbent", incumbent.url),
+        *("--redis-url", redis_url, "--workers", "2"),
+        admin_port=admin,
+    )
+    close = {"Connection": "close"}  # a new connection each time: the kernel spreads them over both workers
+    answers = []
+    async with aiohttp.ClientSession() as client:
+        for _ in range(16):
+            async with client.post(f"http://127.0.0.1:{port}/v1/x", data=b"{}", headers=close) as resp:
+                answers.append((resp.headers["x-request-id"], resp.headers["x-feedback-token"]))
+        with redis.Redis.from_url(redis_url) as store:
+            await eventually(lambda: len(store.keys("{shadow}:served:*")) == 16, within=10)
+        statuses = []
+        for request_id, token in answers:
+            body = {"request_id": request_id, "score": 1, "token": token}
+            async with client.post(f"http://127.0.0.1:{port}/_shadow/feedback", json=body, headers=close) as resp:
+                statuses.append(resp.status)
+    assert statuses == [200] * 16
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    assert "feedback_secret_random" in (tmp_path / "serve.log").read_text()

@@ -1,4 +1,8 @@
-"""``POST /_shadow/feedback``: a user's score or label for a request, joined to the arm that served it."""
+"""``POST /_shadow/feedback``: a user's score or label for a request, joined to the arm that served it.
+
+Only whoever received the answer may score it: the body (``"token"``) or the ``x-feedback-token``
+header carries the token the proxy returned with the answer (see tokens.py); without it, 403.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from ..forwarding import read_body
 from ..redis import FEEDBACK_DUPLICATE, FEEDBACK_UNKNOWN, StoreUnavailable
+from . import tokens
 
 if TYPE_CHECKING:
     from ..wiring import Runtime
@@ -23,15 +29,16 @@ def _error(status: int, kind: str, message: str) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
-def parse(body: bytes) -> tuple[str, float | None, str | None]:
-    """Validate ``{request_id, score}`` or ``{request_id, label}``; ValueError says what is wrong."""
+def parse(body: bytes) -> tuple[str, float | None, str | None, str | None]:
+    """Validate ``{request_id, score}`` or ``{request_id, label}`` (and an optional ``token``);
+    ValueError says what is wrong."""
     try:
         data: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise ValueError('body must be JSON: {"request_id": ..., "score": 0..1} or {..., "label": ...}') from None
     if not isinstance(data, dict):
         raise ValueError("body must be a JSON object")
-    unknown = set(data) - {"request_id", "score", "label"}
+    unknown = set(data) - {"request_id", "score", "label", "token"}
     if unknown:
         raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
     request_id = data.get("request_id")
@@ -44,7 +51,10 @@ def parse(body: bytes) -> tuple[str, float | None, str | None]:
         raise ValueError("score must be a number from 0 to 1")
     if label is not None and (not isinstance(label, str) or not _LABEL.match(label)):
         raise ValueError("label must be 1-64 characters of letters, digits, _ . -")
-    return request_id, None if score is None else float(score), label
+    token = data.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ValueError(f"token must be the string the answer's {tokens.HEADER} header gave")
+    return request_id, None if score is None else float(score), label, token
 
 
 class Feedback:
@@ -56,16 +66,23 @@ class Feedback:
         self._metrics = runtime.metrics
         self._ttl = runtime.config.canary.feedback_ttl
         self._window = runtime.config.compare.window_seconds
+        assert runtime.forwarder.feedback_tokens is not None
+        self._tokens = runtime.forwarder.feedback_tokens
 
     async def handle(self, request: web.Request) -> web.Response:
-        if request.content_length is not None and request.content_length > MAX_BODY:
+        # Whole, however many TCP segments it arrives in; bounded before and while reading.
+        body = await read_body(request, MAX_BODY)
+        if body is None:
+            self._metrics.feedback.labels("-", "too_large").inc()
             return _error(413, "request_too_large", f"feedback bodies are at most {MAX_BODY} bytes")
-        body = await request.content.read(MAX_BODY + 1)
         try:
-            request_id, score, label = parse(body)
+            request_id, score, label, token = parse(body)
         except ValueError as exc:
             self._metrics.feedback.labels("-", "invalid").inc()
             return _error(400, "invalid_feedback", str(exc))
+        refused = self._refused(request_id, token or request.headers.get(tokens.HEADER))
+        if refused is not None:
+            return refused
         window = int(time.time() // self._window) * self._window
         try:
             code, arm = await self._store.add_feedback(
@@ -81,3 +98,14 @@ class Feedback:
             return _error(409, "duplicate_feedback", f"request {request_id!r} already has feedback")
         self._metrics.feedback.labels(arm, "stored").inc()
         return web.Response(body=orjson.dumps({"request_id": request_id, "arm": arm}), content_type="application/json")
+
+    def _refused(self, request_id: str, token: str | None) -> web.Response | None:
+        """403 unless the token is the one issued with this request's answer."""
+        if not token:
+            self._metrics.feedback.labels("-", "token_missing").inc()
+            message = f'send the token the answer\'s {tokens.HEADER} header gave, as "token" or in that header'
+            return _error(403, "feedback_token_missing", message)
+        if not self._tokens.valid(request_id, token):
+            self._metrics.feedback.labels("-", "token_invalid").inc()
+            return _error(403, "feedback_token_invalid", f"the token was not issued for request {request_id!r}")
+        return None

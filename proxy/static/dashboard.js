@@ -3,6 +3,10 @@
  * uPlot. No other dependency, no external request. Every value from the API reaches the page through
  * textContent, never as markup: example answers are untrusted text.
  *
+ * The admin token (needed for the examples: recorded prompts and answers) is given in the URL fragment,
+ * /#token=..., which browsers never send to a server: it is moved to sessionStorage, dropped from the
+ * address bar and sent as Authorization: Bearer, never in a query string that lands in access logs.
+ *
  * window.shadowDashboard exposes what was drawn (refresh count, points per chart, gates, highlighted
  * differences, the last error) for tests and for debugging from the browser console.
  */
@@ -10,6 +14,12 @@
   "use strict";
 
   const params = new URLSearchParams(window.location.search);
+  const TOKEN_KEY = "shadow-proxy-admin-token";
+  const fragment = new URLSearchParams(window.location.hash.slice(1));
+  if (fragment.has("token")) {
+    sessionStorage.setItem(TOKEN_KEY, fragment.get("token"));
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+  }
   const REFRESH_MS = Math.max(1, Number(params.get("refresh")) || 5) * 1000;
   const ARMS = ["incumbent", "candidate"];
   const QUANTILES = ["p50", "p95", "p99"];
@@ -831,6 +841,14 @@
     let highlighted = 0;
     const body = $("examples-body");
     body.classList.remove("muted");
+    state.examplesWithheld = report.examples_withheld === true;
+    if (state.examplesWithheld) {
+      state.highlighted = 0;
+      const hint =
+        "Examples withheld: they show recorded prompts and answers. Open this page as /#token=<admin.token>.";
+      fill(body, el("p", "muted", hint));
+      return;
+    }
     if (!examples.length) {
       state.highlighted = 0;
       fill(body, el("p", "muted", "No differing pairs in this range."));
@@ -936,7 +954,10 @@
   let latest = 0; // the newest refresh started: an older one still in flight must not draw over it
 
   async function fetchJson(path) {
-    const response = await fetch(path, { headers: { Accept: "application/json" }, cache: "no-store" });
+    const headers = { Accept: "application/json" };
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (token) headers.Authorization = "Bearer " + token;
+    const response = await fetch(path, { headers, cache: "no-store" });
     let body = null;
     try {
       body = await response.json();
