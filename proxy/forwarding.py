@@ -33,10 +33,15 @@ _UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 _SCHEME_AUTHORITY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 
 
-class BodyTimeout(TimeoutError):
-    """Set on a request's payload by the connection watchdog (clients.py) when the body stops coming.
+class BodyAborted(TimeoutError):
+    """Set on a request's payload by the connection watchdog (clients.py): the body stopped coming (408) or
+    broke after the headers (400). A TimeoutError only so that aiohttp's lingering read of the rest of an
+    unread body swallows it quietly instead of logging a traceback."""
 
-    A TimeoutError so that aiohttp's lingering read of an unread body swallows it quietly."""
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
 
 
 class _Relayed(web.StreamResponse):
@@ -105,10 +110,12 @@ class Forwarder:
         structlog.contextvars.bind_contextvars(request_id=request_id, record_id=record_id)
         try:
             body = await read_body(request, self.max_body_bytes)
-        except BodyTimeout as exc:  # counted by the watchdog that set it
-            timed_out = error_response(408, "request_timeout", str(exc), request_id, self.request_id_header)
-            timed_out.force_close()
-            return timed_out
+        except BodyAborted as exc:  # counted and logged by the watchdog that set it
+            aborted = error_response(exc.status, exc.error, str(exc), request_id, self.request_id_header)
+            aborted.force_close()
+            return aborted
+        except web.RequestPayloadError as exc:  # a bad chunk after the headers: the 400 of a malformed request
+            return request.protocol.handle_error(request, 400, exc, str(exc))
         if body is None:
             self.metrics.rejected.labels("body_too_large").inc()
             log.warning("request_rejected", reason="body_too_large", limit=self.max_body_bytes)
