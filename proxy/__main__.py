@@ -249,7 +249,7 @@ def _redis_for_reading(config: Config) -> str:
         return url_file.read_text().strip()
     raise ConfigError(
         f"missing config key record.redis_url and no embedded Redis is running ({url_file} not found): "
-        "pass --redis-url URL or start `shadow-proxy serve` first"
+        "pass --redis-url URL, set SHADOW_PROXY_RECORD_REDIS_URL (or REDIS_URL), or start `shadow-proxy serve` first"
     )
 
 

@@ -7,6 +7,7 @@ into frozen models that the rest of the program receives and never mutates.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -382,13 +383,25 @@ class CompareConfig(_Section):
 class StageConfig(_Section):
     weight: float = Field(ge=0.0, le=1.0)
     min_duration: Seconds = 600.0
-    min_pairs: int = Field(default=200, ge=0)
+    # A stage advances on evidence only: at least one pair and one gate (else it would promote on time alone).
+    min_pairs: int = 200
     gates: tuple[str, ...] = ("latency_p50", "latency_p99", "error_rate", "divergence")
+
+    @field_validator("min_pairs")
+    @classmethod
+    def _some_pairs(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("a stage needs at least 1 pair, or it would advance with no evidence")
+        return value
 
     @field_validator("gates")
     @classmethod
     def _known_gates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         known = {"latency_p50", "latency_p99", "error_rate", "divergence", "cost", "satisfaction", "judge"}
+        if not value:
+            raise ValueError(
+                f"a stage needs at least one gate, or it would advance with no evidence: use {', '.join(sorted(known))}"
+            )
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown gate(s) {', '.join(unknown)}: use {', '.join(sorted(known))}")
@@ -437,6 +450,14 @@ class LimitsConfig(_Section):
     max_body_bytes: ByteSize = 10 * 1024**2
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     max_headers: int = Field(default=128, ge=8)
+    # Slow clients (see clients.py): complete headers within header_timeout of a request's first byte, then a
+    # body that keeps coming: body_timeout plus one second per body_min_rate bytes received.
+    header_timeout: PositiveSeconds = 10.0
+    body_timeout: PositiveSeconds = 10.0
+    body_min_rate: ByteSize = 1024
+    # Greedy clients, per worker process: over them a connection or request gets 503 with Retry-After.
+    max_connections: int = Field(default=10_000, ge=1)
+    max_in_flight: int = Field(default=1024, ge=1)
 
 
 def _candidates(value: Any) -> Any:
@@ -499,23 +520,58 @@ def _env_value(raw: str) -> Any:
 
 
 # Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT, <SERVICE>_PORT_9901_TCP_ADDR, ... for every
-# Service; a Service named shadow-proxy-admin would otherwise look like an unknown [admin] key.
-_SERVICE_LINK = re.compile(r".*_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)")
+# Service; a Service named shadow-proxy-admin would otherwise look like an unknown [admin] key. Only a
+# name of that shape holding a value of that shape is skipped: SHADOW_PROXY_ADMIN_PORT=9901 is a mistake.
+_ADDRESS = r"(tcp|udp|sctp)://[\w.:\[\]-]+:\d+"
+_SERVICE_LINK = (
+    (re.compile(r".+_SERVICE_HOST"), re.compile(r"[\w.:-]+")),
+    (re.compile(r".+_SERVICE_PORT(_\w+)?"), re.compile(r"\d+")),
+    (re.compile(r".+_PORT(_\d+_(TCP|UDP|SCTP))?"), re.compile(_ADDRESS)),
+    (re.compile(r".+_PORT_\d+_(TCP|UDP|SCTP)_PROTO"), re.compile(r"tcp|udp|sctp")),
+    (re.compile(r".+_PORT_\d+_(TCP|UDP|SCTP)_PORT"), re.compile(r"\d+")),
+    (re.compile(r".+_PORT_\d+_(TCP|UDP|SCTP)_ADDR"), re.compile(r"[\w.:-]+")),
+)
+
+
+def _service_link(name: str, value: str) -> bool:
+    return any(n.fullmatch(name) and v.fullmatch(value) for n, v in _SERVICE_LINK)
+
+
+def env_names() -> list[str]:
+    """Every SHADOW_PROXY_<SECTION>_<KEY> the configuration reads."""
+    return [f"{ENV_PREFIX}{s}_{k}".upper() for s, model in SECTIONS.items() for k in model.model_fields]
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """' (did you mean X?)' for the closest known names, else nothing."""
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or _SERVICE_LINK.fullmatch(name):
+        if not name.startswith(ENV_PREFIX):
             continue
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        real = section in SECTIONS and key in SECTIONS[section].model_fields
+        if not real and _service_link(name, raw):
+            continue
         if section not in SECTIONS or not key:
             known = ", ".join(sorted(SECTIONS))
             raise ConfigError(
-                f"unknown environment variable {name}: expected {ENV_PREFIX}<SECTION>_<KEY> with SECTION one of {known}"
+                f"unknown environment variable {name}{did_you_mean(name, env_names())}: expected "
+                f"{ENV_PREFIX}<SECTION>_<KEY> with SECTION one of {known}"
             )
         overrides.setdefault(section, {})[key] = _env_value(raw)
     return overrides
+
+
+def _conventional(environ: Mapping[str, str]) -> dict[str, Any]:
+    """REDIS_URL, the name platforms (Heroku, Render, Railway, Compose files) give an attached Redis: the
+    lowest layer for record.redis_url, under the file, SHADOW_PROXY_RECORD_REDIS_URL and --redis-url."""
+    url = environ.get("REDIS_URL", "")
+    return {"record": {"redis_url": url}} if url else {}
 
 
 def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
@@ -548,9 +604,12 @@ def _describe(error: Any, sources: str) -> str:
         names = [str(p) for p in error["loc"][:-1] if not isinstance(p, int)]  # candidate.1.x: [[candidate]]
         table = ".".join(names)
         model = (SECTIONS.get(table) or _NESTED.get(names[-1])) if names else None
-        known = ", ".join(model.model_fields) if model else ", ".join(SECTIONS)
+        fields = list(model.model_fields if model else SECTIONS)
         where = f"[{table}]" if model else "the top level"
-        return f"unknown config key {loc}: remove it or use one of {where}: {known}"
+        hint = did_you_mean(str(error["loc"][-1]), fields)
+        return f"unknown config key {loc}{hint}: remove it or use one of {where}: {', '.join(fields)}"
+    if error["loc"] == ("canary", "stage") and error["type"] == "tuple_type":
+        return f"invalid config key canary.stage: write each stage as a [[canary.stage]] table (fix it in {sources})"
     # Header values may hold credentials: never echo them.
     secret = error["loc"][-1] in SECRET_KEYS or "set_headers" in error["loc"]
     shown = MASK if secret else repr(error.get("input"))
@@ -573,9 +632,13 @@ def load_config(
             raise ConfigError(f"config file {path} not found: pass an existing file to --config") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    environ = os.environ if environ is None else environ
+    data = _merge(_conventional(environ), data)
+    data = _merge(data, _env_overrides(environ))
     data = _merge(data, overrides or {})
     sources = f"{path or 'the config file'}, {ENV_PREFIX}* or the CLI flag"
+    if "REDIS_URL" in environ:
+        sources += " or REDIS_URL"
     entries = data.get("candidate")
     for index, entry in enumerate(entries if isinstance(entries, list) else []):
         if isinstance(entry, Mapping) and not entry.get("url"):
@@ -583,7 +646,7 @@ def load_config(
                 f"missing config key candidate.{index}.url: every [[candidate]] needs a url (fix it in {sources})"
             )
     try:
-        config = Config.model_validate(data, context={"environ": os.environ if environ is None else environ})
+        config = Config.model_validate(data, context={"environ": environ})
     except ValidationError as exc:
         raise ConfigError(_describe(exc.errors()[0], sources)) from None
     return _check_judge(_check_candidates(config, sources), sources)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +31,30 @@ from .upstream import Failure, Upstream, classify
 log = structlog.get_logger("shadow_proxy.forwarding")
 
 _UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+_SCHEME_AUTHORITY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+class BodyAborted(TimeoutError):
+    """Set on a request's payload by the connection watchdog (clients.py): the body stopped coming (408) or
+    broke after the headers (400). A TimeoutError only so that aiohttp's lingering read of the rest of an
+    unread body swallows it quietly instead of logging a traceback."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+
+
+class _Relayed(web.StreamResponse):
+    """The upstream's answer as it came: aiohttp adds ``Content-Type: application/octet-stream`` to a body
+    without one, which would invent a type the upstream never stated."""
+
+    typed = True
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        if not self.typed:
+            self.headers.popall("Content-Type", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +111,14 @@ class Forwarder:
         client_id = request.headers.get(self.request_id_header)
         request_id = client_id or record_id
         structlog.contextvars.bind_contextvars(request_id=request_id, record_id=record_id)
-        body = await read_body(request, self.max_body_bytes)
+        try:
+            body = await read_body(request, self.max_body_bytes)
+        except BodyAborted as exc:  # counted and logged by the watchdog that set it
+            aborted = error_response(exc.status, exc.error, str(exc), request_id, self.request_id_header)
+            aborted.force_close()
+            return aborted
+        except web.RequestPayloadError as exc:  # a bad chunk after the headers: the 400 of a malformed request
+            return request.protocol.handle_error(request, 400, exc, str(exc))
         if body is None:
             self.metrics.rejected.labels("body_too_large").inc()
             log.warning("request_rejected", reason="body_too_large", limit=self.max_body_bytes)
@@ -99,9 +131,9 @@ class Forwarder:
             )
         serving = self.canary.serving(request, record_id) if self.canary is not None else "incumbent"
         arm = self.candidate_live if serving == "candidate" and self.candidate_live is not None else self.incumbent
-        exchange = self._exchange(request, record_id, body, arm.upstream)
+        raw_target = origin_form(request.raw_path)
+        exchange = self._exchange(request, raw_target, record_id, body, arm.upstream)
         exchange.client_request_id = client_id
-        raw_target = request.raw_path
         headers = request_headers(
             request.headers.items(),
             client_ip=request.remote or "",
@@ -156,8 +188,10 @@ class Forwarder:
         if self.feedback_tokens is not None:
             response.headers[tokens.HEADER] = self.feedback_tokens.issue(request_id)
 
-    def _exchange(self, request: web.Request, request_id: str, body: bytes, upstream: Upstream) -> Exchange:
-        path, _, query = request.raw_path.partition("?")
+    def _exchange(
+        self, request: web.Request, raw_target: str, request_id: str, body: bytes, upstream: Upstream
+    ) -> Exchange:
+        path, _, query = raw_target.partition("?")
         exchange = Exchange(
             request_id=request_id,
             method=request.method,
@@ -213,7 +247,8 @@ class Forwarder:
             except _UPSTREAM_ERRORS as exc:
                 return self._failed(exchange, classify(exc))
             live.on_headers(upstream_response.status, list(upstream_response.headers.items()), now())
-            response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)
+            response = _Relayed(status=upstream_response.status, reason=upstream_response.reason)
+            response.typed = "Content-Type" in upstream_response.headers
             for name, value in end_to_end(upstream_response.headers.items()):
                 response.headers.add(name, value)
             response.headers["Via"] = append_via(upstream_response.headers.items(), self.via)
@@ -325,6 +360,15 @@ async def read_body(request: web.Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def origin_form(raw_target: str) -> str:
+    """The path and query of a request target: an absolute-form one (``GET http://host:port/v1/x``, RFC 9112
+    §3.2.2, what clients send to a proxy) loses its scheme and authority, byte for byte otherwise."""
+    if raw_target.startswith("/"):
+        return raw_target
+    rest = _SCHEME_AUTHORITY.sub("", raw_target, count=1)
+    return rest if rest.startswith("/") else "/" + rest
 
 
 def new_request_id() -> str:

@@ -47,6 +47,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.connections_closed = Counter(
+            "shadow_proxy_connections_closed",
+            "Client connections the proxy closed itself, by reason (max_connections, header_timeout).",
+            ["reason"],
+            registry=r,
+        )
+        self.client_connections = Gauge(
+            "shadow_proxy_client_connections",
+            "Client connections open on the main listener now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.client_disconnects = Counter(
             "shadow_proxy_client_disconnects",
             "Clients that went away before their response was complete.",

@@ -21,6 +21,7 @@ from aiohttp import web
 from . import logs
 from .admin import RUNTIME, admin_app
 from .canary.feedback import Feedback
+from .clients import Guard, GuardedRunner
 from .comparator.pricing import warm as warm_pricing
 from .config import Config, split_listen
 from .redis import StoreUnavailable
@@ -100,7 +101,7 @@ async def _shadow_ctx(app: web.Application) -> AsyncIterator[None]:
         await dispatcher.drain(runtime.config.shadow.drain_timeout)
 
 
-def main_app(runtime: Runtime) -> web.Application:
+def main_app(runtime: Runtime, guard: Guard) -> web.Application:
     # The body is read by the forwarder with its own limit; aiohttp's own cap must not interfere.
     app = web.Application(client_max_size=runtime.config.limits.max_body_bytes + 1)
     app[RUNTIME] = runtime
@@ -108,7 +109,7 @@ def main_app(runtime: Runtime) -> web.Application:
     forwarder = runtime.forwarder
     if runtime.canary is not None and feedback_enabled(runtime.config):
         app.router.add_post(runtime.config.canary.feedback_path, Feedback(runtime).handle)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle, expect_handler=forwarder.handle_expect)
+    app.router.add_route("*", "/{tail:.*}", guard.gated(forwarder.handle), expect_handler=forwarder.handle_expect)
     return app
 
 
@@ -120,8 +121,10 @@ class ProxyServer:
         self.runtime = Runtime.build(config)
         self._reuse_port = reuse_port
         limits = config.limits
-        self._runner = web.AppRunner(
-            main_app(self.runtime),
+        self.guard = Guard(limits, self.runtime.metrics, config.proxy.request_id_header)
+        self._runner = GuardedRunner(
+            main_app(self.runtime, self.guard),
+            self.guard,
             handle_signals=False,
             access_log=None,
             handler_cancellation=True,

@@ -77,7 +77,10 @@ def test_byte_sizes_accept_units(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[shadow]\nsampel_rate = 1\n", "unknown config key shadow.sampel_rate: remove it or use one of [shadow]: "),
+        (
+            "[shadow]\nsampel_rate = 1\n",
+            "unknown config key shadow.sampel_rate (did you mean sample_rate?): remove it or use one of [shadow]: ",
+        ),
         ("[shadw]\nx = 1\n", "unknown config key shadw"),
         ("[shadow]\nsample_rate = 1.5\n", "invalid config key shadow.sample_rate = 1.5: Input should be less than"),
         ('[proxy]\nlisten = "8080"\n', "invalid config key proxy.listen = '8080': expected HOST:PORT"),
@@ -115,6 +118,57 @@ def test_kubernetes_service_link_variables_are_not_config() -> None:
         "SHADOW_PROXY_ADMIN_LISTEN": "0.0.0.0:9901",
     }
     assert load_config(None, environ=environ).admin.listen == "0.0.0.0:9901"
+
+
+@pytest.mark.parametrize("name", ["SHADOW_PROXY_REDIS_URL", "SHADOW_PROXY_RECORD_REDISURL"])
+def test_a_misnamed_variable_is_refused_with_the_right_name(name: str) -> None:
+    """The names people try first for the Redis URL are refused, and the error names the real one."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={name: "redis://h:1/0"})
+    assert "SHADOW_PROXY_RECORD_REDIS_URL" in str(info.value) or "did you mean redis_url?" in str(info.value)
+
+
+def test_redis_url_is_the_conventional_fallback_for_record_redis_url(tmp_path: Path) -> None:
+    """REDIS_URL (what platforms set for an attached Redis) applies only when nothing of ours sets the URL."""
+    assert load_config(None, environ={"REDIS_URL": "redis://a:1/0"}).record.redis_url == "redis://a:1/0"
+    ours = {"REDIS_URL": "redis://a:1/0", "SHADOW_PROXY_RECORD_REDIS_URL": "redis://b:1/0"}
+    assert load_config(None, environ=ours).record.redis_url == "redis://b:1/0"
+    path = _write(tmp_path, '[record]\nredis_url = "redis://c:1/0"\n')
+    assert load_config(path, environ={"REDIS_URL": "redis://a:1/0"}).record.redis_url == "redis://c:1/0"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("SHADOW_PROXY_ADMIN_PORT", "9901"), ("SHADOW_PROXY_PROXY_PORT", "8080"), ("SHADOW_PROXY_ADMIN_SERVICE_HOST", "")],
+)
+def test_our_variables_shaped_like_service_links_are_not_skipped(name: str, value: str) -> None:
+    """Only Kubernetes' exact service-link shape (name and value) is skipped: SHADOW_PROXY_ADMIN_PORT=9901 is an
+    operator's mistake and is refused, not silently ignored."""
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(None, environ={name: value})
+
+
+def test_a_typo_in_a_stage_lists_the_stage_keys(tmp_path: Path) -> None:
+    """A misspelt key inside [[canary.stage]] names the stage's keys, not the top-level sections."""
+    path = _write(tmp_path, "[[canary.stage]]\nweight = 0.1\nmin_pair = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value).startswith("unknown config key canary.stage.0.min_pair (did you mean min_pairs?)")
+    assert "[canary.stage]: weight, min_duration, min_pairs, gates" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("stage", "expected"),
+    [
+        ("min_pairs = 0\n", "canary.stage.0.min_pairs = 0: a stage needs at least 1 pair"),
+        ("gates = []\n", "canary.stage.0.gates = []: a stage needs at least one gate"),
+    ],
+)
+def test_a_stage_without_evidence_is_refused(tmp_path: Path, stage: str, expected: str) -> None:
+    """A stage with no pairs or no gates would promote on time alone: check-config exits 2 saying why."""
+    result = _cli("check-config", str(_write(tmp_path, f"[[canary.stage]]\nweight = 1.0\n{stage}")))
+    assert result.returncode == 2
+    assert expected in result.stderr
 
 
 def test_masked_hides_token_and_redis_password() -> None:

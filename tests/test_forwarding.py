@@ -349,3 +349,36 @@ async def test_keep_alive_connections_to_the_incumbent_are_reused(upstreams, pro
             async with client.get(f"http://127.0.0.1:{proxy.port}/x") as resp:
                 await resp.read()
     assert len(peers) == 1
+
+
+async def test_absolute_form_request_line_is_forwarded_with_path_and_query(upstreams, proxies) -> None:
+    """`GET http://host:port/v1/x?a=1 HTTP/1.1` (what a client configured to use a proxy sends) reaches the
+    incumbent as /v1/x?a=1, not a 500."""
+    incumbent = await upstreams(echo)
+    proxy = await proxies(incumbent={"url": incumbent.url}, record={"enabled": False})
+    authority = incumbent.url.removeprefix("http://")
+    answer = await _raw_request(
+        proxy.port,
+        f"GET {incumbent.url}/v1/x?a=1&b=%2F HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert incumbent.requests[0]["raw_path"] == "/v1/x?a=1&b=%2F"
+
+
+async def test_a_response_without_content_type_gets_none_added(proxies) -> None:
+    """aiohttp would add `application/octet-stream`; the client sees the upstream's headers, without a type."""
+
+    async def untyped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(untyped, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        proxy = await proxies(incumbent={"url": f"http://127.0.0.1:{port}"}, record={"enabled": False})
+        answer = await _raw_request(proxy.port, b"GET /v1/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and body == b"hello"
+    assert b"content-type" not in head.lower()
