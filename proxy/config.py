@@ -278,6 +278,10 @@ class RecordConfig(_Section):
     redact_keys: tuple[str, ...] = ()  # extra secret key names, matched like the built-in ones (redaction.py)
     redact_query_params: tuple[str, ...] = ("api_key", "api-key", "key", "token", "access_token")
     redact_marker: str = "[REDACTED]"
+    # The disk spool: every record is written here before Redis, and replayed after a restart (docs/spool.md).
+    spool_dir: str = ""
+    spool_max_bytes: ByteSize = 1024**3
+    spool_fsync: bool = False
     embedded_dir: str = ""
 
     @field_validator("redis_url")

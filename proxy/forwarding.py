@@ -147,7 +147,7 @@ class Forwarder:
         try:
             response = await self._relay(request, exchange, raw_target, headers, arm.upstream)
             if not response.prepared:
-                self._label(response, arm.upstream, request_id)
+                self._label(response, arm.upstream, record_id)
             return response
         finally:
             exchange.arm_done()
@@ -181,12 +181,13 @@ class Forwarder:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
 
-    def _label(self, response: web.StreamResponse, upstream: Upstream, request_id: str) -> None:
-        """The headers about the canary: which arm served (when configured) and the feedback token."""
+    def _label(self, response: web.StreamResponse, upstream: Upstream, record_id: str) -> None:
+        """The headers about the canary: which arm served (when configured) and the feedback token, which
+        names the proxy's own record id (never the client's x-request-id, which anyone can reuse)."""
         if self.canary is not None and self.canary.served_by_header:
             response.headers[self.canary.served_by_header] = upstream.name
         if self.feedback_tokens is not None:
-            response.headers[tokens.HEADER] = self.feedback_tokens.issue(request_id)
+            response.headers[tokens.HEADER] = self.feedback_tokens.issue(record_id)
 
     def _exchange(
         self, request: web.Request, raw_target: str, request_id: str, body: bytes, upstream: Upstream
@@ -253,7 +254,7 @@ class Forwarder:
                 response.headers.add(name, value)
             response.headers["Via"] = append_via(upstream_response.headers.items(), self.via)
             response.headers[self.request_id_header] = exchange.client_request_id or exchange.request_id
-            self._label(response, upstream, exchange.client_request_id or exchange.request_id)
+            self._label(response, upstream, exchange.request_id)
             try:
                 await response.prepare(request)
             except ConnectionError:

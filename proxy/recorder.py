@@ -21,6 +21,7 @@ from .exchange import Exchange
 from .metrics import Metrics
 from .redaction import Redactor
 from .redis import Backoff, RecordWriter, StoreUnavailable
+from .spool import Spool, SpoolLocked
 from .supervisor import Health, Supervisor
 
 log = structlog.get_logger("shadow_proxy.recorder")
@@ -42,13 +43,16 @@ class Recorder:
         self._ready: deque[tuple[Fields, int]] = deque()  # serialised, waiting for Redis, with their size
         self._queued_bytes = 0  # both of the above
         self._wakeup = asyncio.Event()
+        self._sent = asyncio.Event()  # something was spooled: the sender has work
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self.health = health or Health("recorder")
+        self.spool: Spool | None = None
+        self._spooled = 0  # records in the spool not yet in Redis (as of the last spool call)
 
     @property
     def depth(self) -> int:
-        return len(self._queue) + len(self._ready)
+        return len(self._queue) + len(self._ready) + self._spooled
 
     @property
     def queued_bytes(self) -> int:
@@ -64,7 +68,8 @@ class Recorder:
             self._drop("shutdown")
             return
         size = exchange.size_hint(self._config.max_body_bytes)
-        if self.depth >= self._config.queue_max_records or self._queued_bytes + size > self._config.queue_max_bytes:
+        in_memory = len(self._queue) + len(self._ready)  # the spool has its own bound
+        if in_memory >= self._config.queue_max_records or self._queued_bytes + size > self._config.queue_max_bytes:
             self._drop("queue_full")
             return
         self._queue.append((exchange, size))
@@ -76,15 +81,43 @@ class Recorder:
         self._metrics.records_dropped.labels(reason).inc(count)
         log.debug("record_dropped", reason=reason, count=count)
 
+    def open_spool(self, worker: int = 0) -> None:
+        """Open the disk spool (``record.spool_dir``): the first of its ``w<N>`` subdirectories no other
+        live process holds, so each worker of a host has its own and a restarted one takes over any."""
+        config = self._config
+        if not config.spool_dir or self.spool is not None:
+            return
+        for index in range(worker, worker + 256):
+            try:
+                self.spool = Spool(
+                    f"{config.spool_dir}/w{index}", max_bytes=config.spool_max_bytes, fsync=config.spool_fsync
+                )
+                break
+            except SpoolLocked:
+                continue
+        else:
+            raise RuntimeError(f"record.spool_dir {config.spool_dir}: every w<N> subdirectory is in use")
+        self._spooled = self.spool.pending_records
+        if self._spooled:
+            self._metrics.spool_recovered.inc(self._spooled)
+            log.warning("spool_recovered", records=self._spooled, directory=str(self.spool.directory))
+        self._update_gauges()
+
     def start(self, supervisor: Supervisor | None = None) -> None:
         """Start the writer loop (restarted by ``supervisor`` if anything escapes it)."""
+        self.open_spool()
         if supervisor is not None:
             self._task = supervisor.start(self.health.name, self.run)
         else:
             self._task = asyncio.create_task(self.run(), name="recorder")
 
     async def run(self) -> None:
-        """The writer loop; returns once closing and everything queued is written."""
+        """The writer loop; returns once closing and everything queued is written (or spooled)."""
+        if self.spool is not None:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._spool_in(self.spool))
+                group.create_task(self._send_from(self.spool))
+            return
         backoff = Backoff(self._config.retry_interval / 4, max(self._config.retry_interval, 5.0))
         while True:
             if not self._queue and not self._ready:
@@ -123,6 +156,60 @@ class Recorder:
             self._metrics.records_written.inc(len(batch))
             self._update_gauges()
 
+    async def _spool_in(self, spool: Spool) -> None:
+        """Memory queue to disk, at once: while Redis is away records wait on disk, not in memory."""
+        while True:
+            if not self._queue and not self._ready:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                if self._config.linger > 0 and not self._closing:
+                    await asyncio.sleep(self._config.linger)
+                continue
+            self._serialise(self._config.batch_size)
+            batch = list(self._ready)
+            accepted = await asyncio.to_thread(spool.append, [fields for fields, _ in batch])
+            for _ in batch:
+                _, size = self._ready.popleft()
+                self._queued_bytes -= size
+            if accepted < len(batch):
+                self._drop("spool_full", len(batch) - accepted)
+            self._spooled = spool.pending_records
+            self._sent.set()
+            self._update_gauges()
+
+    async def _send_from(self, spool: Spool) -> None:
+        """Disk to Redis in order; what Redis has is committed (deleted from the spool), the rest retried."""
+        backoff = Backoff(self._config.retry_interval / 4, max(self._config.retry_interval, 5.0))
+        while True:
+            batch, cursor = await asyncio.to_thread(spool.read, self._config.batch_size, 8 * 1024**2)
+            if not batch:
+                if self._closing and not self._queue and not self._ready:
+                    return
+                self._sent.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._sent.wait(), 1.0)
+                continue
+            try:
+                await self._writer.append(batch)
+            except StoreUnavailable as exc:
+                await asyncio.to_thread(spool.rewind)
+                self._metrics.record_write_errors.inc()
+                self.health.down(f"redis {exc.kind}")
+                if self.health.failures == 1:
+                    log.warning("record_write_failed", error=str(exc), spooled=spool.pending_records)
+                await asyncio.sleep(backoff.next())
+                continue
+            await asyncio.to_thread(spool.commit, cursor)
+            if not self.health.ok:
+                log.warning("record_write_resumed", spooled=spool.pending_records)
+            self.health.up()
+            backoff.reset()
+            self._spooled = spool.pending_records
+            self._metrics.records_written.inc(len(batch))
+            self._update_gauges()
+
     def _serialise(self, count: int) -> None:
         cap = self._config.max_body_bytes
         for _ in range(min(count, len(self._queue))):
@@ -141,6 +228,9 @@ class Recorder:
     def _update_gauges(self) -> None:
         self._metrics.record_queue_depth.set(self.depth)
         self._metrics.record_queue_bytes.set(self._queued_bytes)
+        if self.spool is not None:
+            self._metrics.spool_records.set(self._spooled)
+            self._metrics.spool_bytes.set(self.spool.disk_bytes)
 
     async def close(self, grace: float) -> None:
         """Flush what is queued within the deadline; whatever is left is dropped and counted."""
@@ -153,10 +243,21 @@ class Recorder:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            if self.depth:
+            if self.spool is not None:
+                # Whatever Redis did not take stays on disk for the next start; only memory is lost.
+                self._serialise(len(self._queue))
+                accepted = self.spool.append([fields for fields, _ in self._ready]) if self._ready else 0
+                if accepted < len(self._ready):
+                    self._drop("shutdown", len(self._ready) - accepted)
+                self._ready.clear()
+                self._queued_bytes = 0
+                log.warning("record_flush_left_in_spool", records=self.spool.pending_records)
+            if self.depth and self.spool is None:
                 log.warning("record_flush_incomplete", dropped=self.depth)
                 self._drop("shutdown", self.depth)
                 self._queue.clear()
                 self._ready.clear()
                 self._queued_bytes = 0
         self._update_gauges()
+        if self.spool is not None:
+            self.spool.close()

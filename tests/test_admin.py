@@ -127,7 +127,7 @@ async def _recorded(upstreams, proxies, redis_url: str, **admin: str) -> ProxySe
     await eventually(lambda: proxy.runtime.metrics.value("shadow_proxy_records_written_total") == 5)
     worker = Worker(make_config(**sections), redis_url)
     await worker.run(burst=True)
-    await worker.store.close()
+    await worker.close()
     return proxy
 
 

@@ -55,7 +55,7 @@ async def test_feedback_with_the_answers_token_is_stored(upstreams, proxies, red
     """The token of the answer, in the body or in the x-feedback-token header, lets its receiver score it."""
     proxy = await _proxy(upstreams, proxies, redis_url)
     (first, first_token), (second, second_token) = await _answered(proxy, 2)
-    assert len(first_token) == 22 and first_token != second_token
+    assert len(first_token.split(".")[1]) == 22 and first_token != second_token
     status, body = await _post(proxy, {"request_id": first, "score": 1, "token": first_token})
     assert (status, body) == (200, {"request_id": first, "arm": "incumbent"})
     status, body = await _post(proxy, {"request_id": second, "label": "good"}, {"x-feedback-token": second_token})
@@ -63,18 +63,39 @@ async def test_feedback_with_the_answers_token_is_stored(upstreams, proxies, red
 
 
 async def test_feedback_without_or_with_a_forged_token_is_403(upstreams, proxies, redis_url) -> None:
-    """A missing token, another request's token and a made-up one are refused with 403 and counted by reason."""
+    """A missing token, another request's token with its record id swapped, and made-up ones are refused
+    with 403 and counted by reason."""
     proxy = await _proxy(upstreams, proxies, redis_url)
-    (mine, _), (other, other_token) = await _answered(proxy, 2)
+    (mine, mine_token), (other, other_token) = await _answered(proxy, 2)
     status, body = await _post(proxy, {"request_id": mine, "score": 0})
     assert status == 403 and body["error"]["type"] == "feedback_token_missing"
-    for forged in (other_token, "A" * 22, ""):
+    swapped = mine_token.split(".")[0] + "." + other_token.split(".")[1]
+    for forged in (swapped, "A" * 22, ""):
         status, body = await _post(proxy, {"request_id": mine, "score": 0}, {"x-feedback-token": forged or "x"})
         assert status == 403 and body["error"]["type"] == "feedback_token_invalid", forged
     assert _refused(proxy, "token_missing") == 1 and _refused(proxy, "token_invalid") == 3
     # The refused attempts stored nothing: the rightful receiver can still score it.
     status, _ = await _post(proxy, {"request_id": other, "score": 1, "token": other_token})
     assert status == 200
+
+
+async def test_reusing_someone_elses_request_id_gives_a_token_for_ones_own_request_only(
+    upstreams, proxies, redis_url
+) -> None:
+    """The token names the proxy's own record id: a client that sends another user's x-request-id gets a
+    token that scores its own request, and the other user's feedback is still accepted."""
+    proxy = await _proxy(upstreams, proxies, redis_url)
+    (victim, victim_token), *_ = await _answered(proxy)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{proxy.port}/v1/x", json={}, headers={"x-request-id": victim}) as resp,
+    ):
+        await resp.read()
+        attacker_token = resp.headers["x-feedback-token"]
+    assert attacker_token != victim_token
+    await eventually(lambda: proxy.runtime.metrics.value("shadow_proxy_records_written_total") == 2)
+    assert (await _post(proxy, {"request_id": victim, "score": 0, "token": attacker_token}))[0] == 200
+    assert (await _post(proxy, {"request_id": victim, "score": 1, "token": victim_token}))[0] == 200
 
 
 async def test_replicas_sharing_the_secret_accept_each_others_tokens(upstreams, proxies, redis_url) -> None:

@@ -29,21 +29,21 @@ def _error(status: int, kind: str, message: str) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
-def parse(body: bytes) -> tuple[str, float | None, str | None, str | None]:
-    """Validate ``{request_id, score}`` or ``{request_id, label}`` (and an optional ``token``);
-    ValueError says what is wrong."""
+def parse(body: bytes) -> tuple[str | None, float | None, str | None, str | None]:
+    """Validate ``{token, score}`` or ``{token, label}`` (``request_id`` optional, echoed back; the token
+    may come in a header instead); ValueError says what is wrong."""
     try:
         data: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise ValueError('body must be JSON: {"request_id": ..., "score": 0..1} or {..., "label": ...}') from None
+        raise ValueError('body must be JSON: {"token": ..., "score": 0..1} or {"token": ..., "label": ...}') from None
     if not isinstance(data, dict):
         raise ValueError("body must be a JSON object")
     unknown = set(data) - {"request_id", "score", "label", "token"}
     if unknown:
         raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
     request_id = data.get("request_id")
-    if not isinstance(request_id, str) or not 0 < len(request_id) <= 200:
-        raise ValueError("request_id must be a non-empty string (the x-request-id of the answer)")
+    if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 200):
+        raise ValueError("request_id, when given, must be a non-empty string (the x-request-id of the answer)")
     score, label = data.get("score"), data.get("label")
     if (score is None) == (label is None):
         raise ValueError("give exactly one of score (a number from 0 to 1) or label")
@@ -80,13 +80,14 @@ class Feedback:
         except ValueError as exc:
             self._metrics.feedback.labels("-", "invalid").inc()
             return _error(400, "invalid_feedback", str(exc))
-        refused = self._refused(request_id, token or request.headers.get(tokens.HEADER))
-        if refused is not None:
-            return refused
+        record_id = self._record_of(token or request.headers.get(tokens.HEADER))
+        if isinstance(record_id, web.Response):
+            return record_id
+        request_id = request_id or record_id
         window = int(time.time() // self._window) * self._window
         try:
             code, arm = await self._store.add_feedback(
-                request_id, score=score, label=label, window=window, ttl=self._ttl
+                record_id, score=score, label=label, window=window, ttl=self._ttl
             )
         except StoreUnavailable as exc:
             return _error(503, "redis_unavailable", f"feedback could not be stored: {exc}")
@@ -99,13 +100,14 @@ class Feedback:
         self._metrics.feedback.labels(arm, "stored").inc()
         return web.Response(body=orjson.dumps({"request_id": request_id, "arm": arm}), content_type="application/json")
 
-    def _refused(self, request_id: str, token: str | None) -> web.Response | None:
-        """403 unless the token is the one issued with this request's answer."""
+    def _record_of(self, token: str | None) -> str | web.Response:
+        """The record id the token was issued for; 403 when there is none or it was not issued here."""
         if not token:
             self._metrics.feedback.labels("-", "token_missing").inc()
             message = f'send the token the answer\'s {tokens.HEADER} header gave, as "token" or in that header'
             return _error(403, "feedback_token_missing", message)
-        if not self._tokens.valid(request_id, token):
+        record_id = self._tokens.record_of(token)
+        if record_id is None:
             self._metrics.feedback.labels("-", "token_invalid").inc()
-            return _error(403, "feedback_token_invalid", f"the token was not issued for request {request_id!r}")
-        return None
+            return _error(403, "feedback_token_invalid", "the token was not issued by this deployment")
+        return record_id

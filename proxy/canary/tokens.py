@@ -1,8 +1,11 @@
 """Per-request feedback tokens: who may send feedback for a request is whoever received its answer.
 
-A token is HMAC-SHA256 of the request id the client saw (its ``x-request-id``), keyed with
-``canary.feedback_secret``, truncated to 128 bits and written in unpadded URL-safe base64 (22
-characters). Nothing is stored: any replica with the same secret checks any replica's token.
+A token names the proxy's own record id of the request (random, never chosen by the client) and
+proves it: ``<record id>.<mac>``, the mac being HMAC-SHA256 of the record id keyed with
+``canary.feedback_secret``, truncated to 128 bits, in unpadded URL-safe base64 (22 characters).
+Feedback is joined on that record id, so a client that reuses another user's ``x-request-id`` gets a
+token for its own request only. Nothing is stored: any replica with the same secret checks any
+replica's token.
 """
 
 from __future__ import annotations
@@ -29,14 +32,20 @@ class FeedbackTokens:
     def __init__(self, secret: str | bytes) -> None:
         self._key = secret.encode() if isinstance(secret, str) else secret
 
-    def issue(self, request_id: str) -> str:
-        """The token of a request id (one HMAC: cheap enough for every answered request)."""
-        digest = hmac.digest(self._key, request_id.encode(), "sha256")[:_BYTES]
+    def issue(self, record_id: str) -> str:
+        """The token of a record id (one HMAC: cheap enough for every answered request)."""
+        return f"{record_id}.{self._mac(record_id)}"
+
+    def _mac(self, record_id: str) -> str:
+        digest = hmac.digest(self._key, record_id.encode(), "sha256")[:_BYTES]
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    def valid(self, request_id: str, token: str) -> bool:
-        """True when the token was issued for this request id (compared in constant time)."""
-        return hmac.compare_digest(self.issue(request_id).encode(), token.encode())
+    def record_of(self, token: str) -> str | None:
+        """The record id a token was issued for, or None when it was not issued with this secret."""
+        record_id, dot, mac = token.rpartition(".")
+        if not dot or not record_id or len(token) > 300:
+            return None
+        return record_id if hmac.compare_digest(self._mac(record_id).encode(), mac.encode()) else None
 
 
 def with_feedback_secret(config: Config) -> Config:

@@ -54,8 +54,9 @@ class RecordWriter:
         await self._append(keys=[self.keys.records, self.keys.records_seq], args=args, client=pipe)
         if self._served_ttl:
             for fields in entries:
-                # Which arm served this request, so user feedback can be joined to it later.
-                served = self.keys.served(fields.get(b"client_request_id", fields[b"request_id"]).decode())
+                # Which arm served this request, so user feedback (its token names our record id) can be
+                # joined to it later.
+                served = self.keys.served(fields[b"request_id"].decode())
                 # Feedback compares the two arms of the canary: the incumbent and the candidate it promotes.
                 arm = b"incumbent" if fields[b"served_by"] == b"incumbent" else b"candidate"
                 pipe.set(served, arm, ex=self._served_ttl)
