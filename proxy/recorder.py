@@ -118,61 +118,66 @@ class Recorder:
                 group.create_task(self._spool_in(self.spool))
                 group.create_task(self._send_from(self.spool))
             return
-        backoff = Backoff(self._config.retry_interval / 4, max(self._config.retry_interval, 5.0))
-        while True:
-            if not self._queue and not self._ready:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                if self._config.linger > 0 and not self._closing:
-                    # Gather a batch: one write per linger period instead of one per record keeps the
-                    # writer's work in few, short slices between live requests.
-                    await asyncio.sleep(self._config.linger)
-                continue
-            # Serialise one batch more on each turn (also while Redis is down), so full request
-            # bodies are released early and every record is serialised and redacted once.
-            self._serialise(self._config.batch_size)
+        backoff = self._backoff()
+        while await self._gathered():
             if not self._ready:
                 continue
             batch = [fields for fields, _ in list(self._ready)[: self._config.batch_size]]
             try:
                 await self._writer.append(batch)
             except StoreUnavailable as exc:
-                self._metrics.record_write_errors.inc()
-                self.health.down(f"redis {exc.kind}")
-                if self.health.failures == 1:
-                    log.warning("record_write_failed", error=str(exc), queued=self.depth)
-                self._update_gauges()
+                self._write_failed(exc)
                 await asyncio.sleep(backoff.next())
                 continue
-            if not self.health.ok:
-                log.warning("record_write_resumed", queued=self.depth)
-            self.health.up()
-            backoff.reset()
-            for _ in batch:
-                _, size = self._ready.popleft()
-                self._queued_bytes -= size
-            self._metrics.records_written.inc(len(batch))
-            self._update_gauges()
+            self._forget(len(batch))
+            self._written(len(batch), backoff)
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self._config.retry_interval / 4, max(self._config.retry_interval, 5.0))
+
+    async def _gathered(self) -> bool:
+        """Wait for records (then linger to gather a batch) and serialise one batch more; False once closing
+        with nothing left. Serialising on each turn (also while Redis is down) releases full request
+        bodies early, and every record is serialised and redacted once."""
+        while not self._queue and not self._ready:
+            if self._closing:
+                return False
+            self._wakeup.clear()
+            await self._wakeup.wait()
+            if self._config.linger > 0 and not self._closing:
+                # One write per linger period instead of one per record keeps the writer's work in few,
+                # short slices between live requests.
+                await asyncio.sleep(self._config.linger)
+        self._serialise(self._config.batch_size)
+        return True
+
+    def _forget(self, count: int) -> None:
+        """Release the first ``count`` serialised records (written to Redis, or to the spool)."""
+        for _ in range(count):
+            _, size = self._ready.popleft()
+            self._queued_bytes -= size
+
+    def _write_failed(self, exc: StoreUnavailable) -> None:
+        self._metrics.record_write_errors.inc()
+        self.health.down(f"redis {exc.kind}")
+        if self.health.failures == 1:
+            log.warning("record_write_failed", error=str(exc), queued=self.depth)
+        self._update_gauges()
+
+    def _written(self, count: int, backoff: Backoff) -> None:
+        if not self.health.ok:
+            log.warning("record_write_resumed", queued=self.depth)
+        self.health.up()
+        backoff.reset()
+        self._metrics.records_written.inc(count)
+        self._update_gauges()
 
     async def _spool_in(self, spool: Spool) -> None:
         """Memory queue to disk, at once: while Redis is away records wait on disk, not in memory."""
-        while True:
-            if not self._queue and not self._ready:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                if self._config.linger > 0 and not self._closing:
-                    await asyncio.sleep(self._config.linger)
-                continue
-            self._serialise(self._config.batch_size)
-            batch = list(self._ready)
-            accepted = await asyncio.to_thread(spool.append, [fields for fields, _ in batch])
-            for _ in batch:
-                _, size = self._ready.popleft()
-                self._queued_bytes -= size
+        while await self._gathered():
+            batch = [fields for fields, _ in self._ready]
+            accepted = await asyncio.to_thread(spool.append, batch)
+            self._forget(len(batch))
             if accepted < len(batch):
                 self._drop("spool_full", len(batch) - accepted)
             self._spooled = spool.pending_records
@@ -181,7 +186,7 @@ class Recorder:
 
     async def _send_from(self, spool: Spool) -> None:
         """Disk to Redis in order; what Redis has is committed (deleted from the spool), the rest retried."""
-        backoff = Backoff(self._config.retry_interval / 4, max(self._config.retry_interval, 5.0))
+        backoff = self._backoff()
         while True:
             batch, cursor = await asyncio.to_thread(spool.read, self._config.batch_size, 8 * 1024**2)
             if not batch:
@@ -195,20 +200,12 @@ class Recorder:
                 await self._writer.append(batch)
             except StoreUnavailable as exc:
                 await asyncio.to_thread(spool.rewind)
-                self._metrics.record_write_errors.inc()
-                self.health.down(f"redis {exc.kind}")
-                if self.health.failures == 1:
-                    log.warning("record_write_failed", error=str(exc), spooled=spool.pending_records)
+                self._write_failed(exc)
                 await asyncio.sleep(backoff.next())
                 continue
             await asyncio.to_thread(spool.commit, cursor)
-            if not self.health.ok:
-                log.warning("record_write_resumed", spooled=spool.pending_records)
-            self.health.up()
-            backoff.reset()
             self._spooled = spool.pending_records
-            self._metrics.records_written.inc(len(batch))
-            self._update_gauges()
+            self._written(len(batch), backoff)
 
     def _serialise(self, count: int) -> None:
         cap = self._config.max_body_bytes
