@@ -36,7 +36,7 @@ async def _send(port: int, count: int) -> int:
 
 
 async def test_a_redis_outage_longer_than_memory_holds_loses_nothing(upstreams, tmp_path: Path) -> None:
-    """A memory queue of 20 records, Redis down for 300 requests: all 300 wait on disk, none is dropped,
+    """A memory queue of 50 records, Redis down for 300 requests: all 300 wait on disk, none is dropped,
     and every one reaches Redis in order once it is back."""
     server = EmbeddedRedis(tmp_path / "redis", port=free_port(), persist=False)  # down until started
     incumbent = await upstreams(echo)
@@ -44,7 +44,7 @@ async def test_a_redis_outage_longer_than_memory_holds_loses_nothing(upstreams, 
         incumbent={"url": incumbent.url},
         record={
             "redis_url": server.url,
-            "queue_max_records": 20,
+            "queue_max_records": 50,
             "spool_dir": str(tmp_path / "spool"),
             "socket_timeout": 0.5,
             "linger": 0.01,
