@@ -101,6 +101,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.mirror_slow_after = Gauge(
+            "shadow_proxy_mirror_slow_after_seconds",
+            "Seconds without response headers after which a mirror counts as slow, by target (learned or slow_after).",
+            ["target"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.mirror_spend = Counter(
             "shadow_proxy_mirror_spend",
             "Cost of finished mirrors, by target (price table or price list x usage), for spend budgets.",
