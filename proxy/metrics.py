@@ -84,7 +84,7 @@ class Metrics:
         )
         self.mirrors_slow = Counter(
             "shadow_proxy_mirrors_slow",
-            "Mirrors with no response headers after shadow.slow_after seconds (a breaker failure), by target.",
+            "Mirrors with no response headers after the slow threshold (a breaker failure), by target.",
             ["target"],
             registry=r,
         )
