@@ -5,11 +5,16 @@ Pure state: the dispatcher asks ``allow(now)`` before a mirror and reports each 
 Gateway failures count (refused, connect/read/total timeout, and "slow": no response headers within
 ``shadow.slow_after``); an answer, even a 5xx, is worth measuring and resets the count. Each ejection in
 a row doubles the pause, up to ``max_cooldown`` (Envoy's base_ejection_time x ejections, capped).
+
+``SlowThreshold`` learns when "slow" starts from the target's own recent answers, so a candidate that
+answered in about a second and then hangs is ejected after a few seconds, not after ``slow_after``:
+``min(slow_after, max(slow_floor, slow_factor x p99 of the last 200 times to headers))``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 FAILURES = frozenset({"connect_error", "connect_timeout", "read_timeout", "timeout", "slow"})
@@ -17,6 +22,9 @@ FAILURES = frozenset({"connect_error", "connect_timeout", "read_timeout", "timeo
 State = Literal["closed", "open", "half_open"]
 Change = Literal["opened", "reopened", "closed"]
 STATE_VALUES: dict[State, int] = {"closed": 0, "open": 1, "half_open": 2}  # the state gauge's values
+
+SLOW_WINDOW = 200  # the answers the slow threshold is learned from: the most recent ones
+SLOW_EVERY = 10  # new answers between two computations of the quantile (a sort of at most 200 floats)
 
 
 @dataclass(slots=True)
@@ -72,3 +80,68 @@ class Breaker:
             self.opened_at, self.probing, self.ejections = None, False, 0
             return "closed"
         return None
+
+
+def p99(samples: list[float]) -> float:
+    """The nearest-rank 99th percentile: of 200 samples the two largest are left out, of 100 or fewer none."""
+    return sorted(samples)[math.ceil(0.99 * len(samples)) - 1]
+
+
+def learned_slow_after(ceiling: float, factor: float, floor: float, recent_p99: float) -> float:
+    """The rule: ``factor`` times the recent p99, at least ``floor``, never more than ``ceiling`` (slow_after)."""
+    return min(ceiling, max(floor, factor * recent_p99))
+
+
+@dataclass(slots=True)
+class SlowThreshold:
+    """When a mirror still without response headers counts as slow: ``ceiling`` (slow_after) until
+    ``min_samples`` answers were seen, then ``learned_slow_after`` over the last ``window`` ones, recomputed
+    every ``every`` answers. ``factor`` 0 (or ``ceiling`` 0: no slow threshold at all) turns learning off."""
+
+    ceiling: float
+    factor: float = 4.0
+    floor: float = 1.0
+    min_samples: int = 50
+    window: int = SLOW_WINDOW
+    every: int = SLOW_EVERY
+    value: float = field(init=False)
+    samples: list[float] = field(init=False, default_factory=list)
+    _next: int = field(init=False, default=0)  # the ring's oldest slot once it is full
+    _fresh: int = field(init=False, default=0)  # answers since the value was last computed
+    _computed: bool = field(init=False, default=False)  # since the history (re)started
+
+    def __post_init__(self) -> None:
+        self.value = self.ceiling
+
+    @property
+    def learned(self) -> bool:
+        return len(self.samples) >= self.min_samples and self.factor > 0 and self.ceiling > 0
+
+    def observe(self, seconds: float) -> bool:
+        """Add one answer's time to headers (O(1); the quantile is sorted out every ``every`` answers);
+        returns whether the value was recomputed."""
+        if self.factor <= 0 or self.ceiling <= 0:
+            return False
+        if len(self.samples) < self.window:
+            self.samples.append(seconds)
+        else:
+            self.samples[self._next] = seconds
+        self._next = (self._next + 1) % self.window
+        self._fresh += 1
+        if not self.learned or (self._computed and self._fresh < self.every):
+            return False
+        self._fresh, self._computed = 0, True
+        self.value = learned_slow_after(self.ceiling, self.factor, self.floor, p99(self.samples))
+        return True
+
+    def readmitted(self, seconds: float) -> bool:
+        """The breaker closed on an answer that took ``seconds`` to send headers. Slower than the learned
+        threshold (a probe, which waits up to the ceiling), it says the target's latency has changed: the
+        history is forgotten and the threshold is learned again from new answers. Returns whether it was."""
+        if not self.learned or seconds <= self.value:
+            return False
+        self.samples.clear()
+        self._next = self._fresh = 0
+        self._computed = False
+        self.value = self.ceiling
+        return True

@@ -249,6 +249,10 @@ class ShadowConfig(_Section):
     breaker_cooldown: PositiveSeconds = 5.0
     breaker_max_cooldown: PositiveSeconds = 300.0
     slow_after: Seconds = 30.0
+    # The learned slow threshold (breaker.SlowThreshold): min(slow_after, max(slow_floor, slow_factor x p99)).
+    slow_factor: float = Field(default=4.0, ge=0.0)
+    slow_floor: Seconds = 1.0
+    slow_min_samples: int = Field(default=50, ge=1, le=200)  # at most the 200 answers it learns from
     marker_header: str = "x-shadow-request"
     marker_value: str = "1"
     drain_timeout: Seconds = 10.0

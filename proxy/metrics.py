@@ -84,7 +84,7 @@ class Metrics:
         )
         self.mirrors_slow = Counter(
             "shadow_proxy_mirrors_slow",
-            "Mirrors with no response headers after shadow.slow_after seconds (a breaker failure), by target.",
+            "Mirrors with no response headers after the slow threshold (a breaker failure), by target.",
             ["target"],
             registry=r,
         )
@@ -97,6 +97,13 @@ class Metrics:
         self.mirror_breaker_state = Gauge(
             "shadow_proxy_mirror_breaker_state",
             "Mirror breaker state by target: 0 closed, 1 open (ejected), 2 half-open (a probe is out).",
+            ["target"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.mirror_slow_after = Gauge(
+            "shadow_proxy_mirror_slow_after_seconds",
+            "Seconds without response headers after which a mirror counts as slow, by target (learned or slow_after).",
             ["target"],
             registry=r,
             multiprocess_mode="livemax",

@@ -3,8 +3,9 @@
 A mirror is its own task, not the handler's: a client disconnect does not cancel it, and a slow
 or failing candidate only ever costs a slot in this set. When the set is full the mirror is
 dropped and counted, never queued behind the live path. A target that does not answer is ejected
-by its breaker (``breaker.py``): its mirrors waiting past ``slow_after`` are cancelled (recorded with
-error "ejected"), so it holds a few slots, not all of them, until a probe finds it answering again.
+by its breaker (``breaker.py``): its mirrors waiting past the slow threshold (learned from its own
+answers, at most ``slow_after``) are cancelled (recorded with error "ejected"), so it holds a few slots,
+not all of them, until a probe finds it answering again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from .breaker import STATE_VALUES, Breaker, Change
+from .breaker import STATE_VALUES, Breaker, Change, SlowThreshold
 from .budget import SpendLedger
 from .config import ShadowConfig
 from .exchange import ArmCapture, Exchange, now
@@ -85,9 +86,16 @@ class ShadowDispatcher:
             else None
         )
         self._slow_after = config.slow_after if slow_after is None else slow_after
+        self._slow = (
+            SlowThreshold(self._slow_after, config.slow_factor, config.slow_floor, config.slow_min_samples)
+            if self._breaker is not None and self._slow_after > 0
+            else None
+        )
         self._gauge = metrics.mirrors_in_flight.labels(target)
         self._state_gauge = metrics.mirror_breaker_state.labels(target)
         self._state_gauge.set(0)
+        self._slow_gauge = metrics.mirror_slow_after.labels(target)
+        self._slow_gauge.set(self._slow.value if self._slow is not None else 0)
         self._warned_unpriced = False
 
     @property
@@ -131,8 +139,10 @@ class ShadowDispatcher:
         task = flight.task = asyncio.create_task(self._mirror(exchange, flight, raw_path_qs, headers))
         self._flights[task] = flight
         task.add_done_callback(self._forget)
-        if self._breaker is not None and self._slow_after > 0:
-            flight.timer = asyncio.get_running_loop().call_later(self._slow_after, self._on_slow, flight)
+        if self._breaker is not None and self._slow is not None:
+            # A probe waits the whole slow_after: the target's latency may have changed while it was ejected.
+            after = self._slow_after if self._breaker.probing else self._slow.value
+            flight.timer = asyncio.get_running_loop().call_later(after, self._on_slow, flight)
         self._metrics.mirrors_sent.labels(self.target).inc()
         self._gauge.inc()
         return arm
@@ -155,7 +165,8 @@ class ShadowDispatcher:
                 self._metrics.mirrors_failed.labels(self.target, failure.error).inc()
                 self._metrics.upstream_errors.labels(self.upstream.name, arm.role, failure.error).inc()
                 log.debug("mirror_failed", error=failure.error, detail=failure.detail)
-            self._judge(flight, failure.error if failure is not None else None)
+            change = self._judge(flight, failure.error if failure is not None else None)
+            self._learn(arm, readmitted=change == "closed")
             # Billed: answered, even when the stream was cut short; refused (4xx/5xx) calls are not.
             if self.ledger is not None and self._cost_of is not None and arm.status is not None and arm.status < 400:
                 await self._charge(self.ledger, self._cost_of, arm, shaped.body)
@@ -184,8 +195,21 @@ class ShadowDispatcher:
         ledger.add(amount, time.time())
         self._metrics.mirror_spend.labels(self.target).inc(amount)
 
+    def _learn(self, arm: ArmCapture, *, readmitted: bool) -> None:
+        """A successful answer's time to headers feeds the slow threshold (a fast error says nothing about
+        how long answers take); the answer that readmitted the target may restart the learning."""
+        if self._slow is None or arm.first_byte is None or arm.status is None or arm.status >= 400:
+            return
+        seconds = arm.first_byte - arm.start
+        was = self._slow.value
+        reset = readmitted and self._slow.readmitted(seconds)
+        if reset:
+            log.warning("mirror_slow_threshold_reset", target=self.target, answered_seconds=seconds, was=was)
+        if self._slow.observe(seconds) or reset:
+            self._slow_gauge.set(self._slow.value)
+
     def _on_slow(self, flight: _Flight) -> None:
-        """``slow_after`` passed since the mirror started: without headers yet it is a breaker failure,
+        """The slow threshold passed since the mirror started: without headers yet it is a breaker failure,
         and while the target is ejected it gives its slot back at once."""
         flight.timer = None
         if not flight.waiting or flight.judged:
@@ -195,15 +219,16 @@ class ShadowDispatcher:
         if self._breaker is not None and self._breaker.open:
             self._eject(flight)
 
-    def _judge(self, flight: _Flight, error: str | None) -> None:
+    def _judge(self, flight: _Flight, error: str | None) -> Change | None:
         """Give the breaker this mirror's outcome, once (a slow mirror was judged when it became slow)."""
         if self._breaker is None or flight.judged:
-            return
+            return None
         flight.judged = True
         change = self._breaker.record(error, now())
         self._state_gauge.set(STATE_VALUES[self._breaker.state])
         if change is not None:
             self._on_change(change)
+        return change
 
     def _on_change(self, change: Change) -> None:
         assert self._breaker is not None

@@ -368,3 +368,172 @@ async def test_occasional_timeouts_below_the_threshold_do_not_eject(upstreams, p
     assert metrics.value("shadow_proxy_mirrors_sent_total", target="candidate") == 8
     assert metrics.value("shadow_proxy_mirror_ejections_total", target="candidate") == 0
     assert metrics.value("shadow_proxy_mirrors_skipped_total", target="candidate", reason="target_down") == 0
+
+
+class _Switchable:
+    """A candidate answering after ``delay`` seconds, or, once ``hang`` is set, not until ``release`` is."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.hang = False
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        if self.hang:
+            await self.release.wait()
+        await asyncio.sleep(self.delay)
+        return web.json_response({"ok": True})
+
+
+async def _post(client: aiohttp.ClientSession, port: int, count: int) -> None:
+    """``count`` live requests one after another (their mirrors overlap: they run in the background)."""
+    for _ in range(count):
+        async with client.post(f"http://127.0.0.1:{port}/v1/x", data=b"{}") as resp:
+            assert resp.status == 200
+
+
+def _answered(proxy) -> float:  # type: ignore[no-untyped-def]
+    return proxy.runtime.metrics.value(
+        "shadow_proxy_upstream_duration_seconds_count", upstream="candidate", role="shadow"
+    )
+
+
+async def test_a_fast_candidate_that_hangs_is_ejected_after_the_learned_threshold_not_slow_after(
+    upstreams, proxies
+) -> None:
+    """After 60 answers in about 50 ms the slow threshold is learned (the 1 s floor, far below a slow_after of
+    60 s): when the candidate then hangs it is ejected within seconds and its hung mirrors are given back."""
+    candidate = _Switchable(0.05)
+    incumbent = await upstreams(echo)
+    server = await upstreams(candidate)
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": server.url},
+        shadow={"slow_after": 60.0, "breaker_failures": 5, "breaker_cooldown": 60.0},
+        record={"enabled": False},
+    )
+    (mirror,) = proxy.runtime.shadows
+    metrics = proxy.runtime.metrics
+
+    def value(name: str, **labels: str) -> float:
+        return metrics.value(name, target="candidate", **labels)
+
+    assert value("shadow_proxy_mirror_slow_after_seconds") == 60.0  # no history yet
+    async with aiohttp.ClientSession() as client:
+        await _post(client, proxy.port, 60)
+        await eventually(lambda: _answered(proxy) == 60)
+        learned = value("shadow_proxy_mirror_slow_after_seconds")
+        assert 1.0 <= learned < 5.0  # max(1 s floor, 4 x ~50 ms), with room for a loaded machine
+
+        candidate.hang = True
+        async with asyncio.timeout(20):  # generous: slow_after (60 s) would never make it
+            while value("shadow_proxy_mirror_ejections_total") == 0:
+                await _post(client, proxy.port, 1)
+                await asyncio.sleep(0.02)
+    assert value("shadow_proxy_mirrors_slow_total") >= 5
+    await eventually(lambda: mirror.in_flight == 0)  # every hung mirror gave its slot back
+    assert value("shadow_proxy_mirrors_failed_total", error="ejected") >= 5
+    assert value("shadow_proxy_mirror_slow_after_seconds") == learned < 60.0
+    candidate.release.set()
+
+
+async def test_a_candidate_with_too_little_history_waits_the_whole_slow_after(
+    upstreams, proxies, redis_url, redis_client
+) -> None:
+    """Fewer than slow_min_samples answers teach nothing: mirrors to a candidate that then hangs are slow,
+    and ejected, only after slow_after (the records show each waited at least that long)."""
+    candidate = _Switchable(0.05)
+    incumbent = await upstreams(echo)
+    server = await upstreams(candidate)
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": server.url},
+        shadow={"slow_after": 1.0, "slow_floor": 0.05, "breaker_failures": 2, "breaker_cooldown": 60.0},
+        record={"redis_url": redis_url},
+    )
+    metrics = proxy.runtime.metrics
+    async with aiohttp.ClientSession() as client:
+        await _post(client, proxy.port, 10)
+        await eventually(lambda: _answered(proxy) == 10)
+        assert metrics.value("shadow_proxy_mirror_slow_after_seconds", target="candidate") == 1.0
+        candidate.hang = True
+        await _post(client, proxy.port, 2)
+    await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 12)
+    ejected = [
+        arm for r in records(redis_client) if (arm := r["meta"]["arms"]["shadow.candidate"])["error"] == "ejected"
+    ]
+    assert len(ejected) == 2 and all(arm["duration_ms"] >= 1000.0 for arm in ejected)
+    assert metrics.value("shadow_proxy_mirror_ejections_total", target="candidate") == 1
+    candidate.release.set()
+
+
+async def test_a_steadily_slow_candidate_is_not_ejected(upstreams, proxies) -> None:
+    """Answers that always take about 300 ms teach a threshold of about 4 x 300 ms, which they keep to."""
+    incumbent = await upstreams(echo)
+    server = await upstreams(_Switchable(0.3))
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": server.url},
+        shadow={"slow_after": 60.0, "breaker_failures": 2},
+        record={"enabled": False},
+    )
+    metrics = proxy.runtime.metrics
+    async with aiohttp.ClientSession() as client:
+        await _post(client, proxy.port, 60)
+        await eventually(lambda: _answered(proxy) == 60)
+        learned = metrics.value("shadow_proxy_mirror_slow_after_seconds", target="candidate")
+        assert 1.2 <= learned < 60.0
+        await _post(client, proxy.port, 60)
+        await eventually(lambda: _answered(proxy) == 120)
+    assert metrics.value("shadow_proxy_mirrors_slow_total", target="candidate") == 0
+    assert metrics.value("shadow_proxy_mirror_ejections_total", target="candidate") == 0
+
+
+async def test_a_candidate_whose_latency_jumps_is_briefly_ejected_then_readmitted_and_relearned(
+    upstreams, proxies
+) -> None:
+    """Answers that suddenly take far longer than the learned threshold eject the candidate; the probe waits
+    the whole slow_after, answers, readmits it and restarts the learning, which settles on the new latency."""
+    candidate = _Switchable(0.05)
+    incumbent = await upstreams(echo)
+    server = await upstreams(candidate)
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate={"url": server.url},
+        shadow={
+            "slow_after": 60.0,
+            "slow_floor": 0.1,
+            "breaker_failures": 3,
+            "breaker_cooldown": 0.2,
+            "breaker_max_cooldown": 0.4,
+        },
+        record={"enabled": False},
+    )
+    metrics = proxy.runtime.metrics
+
+    def value(name: str, **labels: str) -> float:
+        return metrics.value(name, target="candidate", **labels)
+
+    async with aiohttp.ClientSession() as client:
+        await _post(client, proxy.port, 60)
+        await eventually(lambda: _answered(proxy) == 60)
+        learned = value("shadow_proxy_mirror_slow_after_seconds")
+        assert learned < 1.5  # 4 x ~50 ms, with room for a loaded machine
+
+        candidate.delay = 2.0  # legitimately slower, at once
+        async with asyncio.timeout(20):
+            while not (
+                value("shadow_proxy_mirror_ejections_total") >= 1
+                and value("shadow_proxy_mirror_breaker_state") == 0
+                and value("shadow_proxy_mirror_slow_after_seconds") == 60.0
+            ):
+                await _post(client, proxy.port, 1)
+                await asyncio.sleep(0.02)
+        ejections = value("shadow_proxy_mirror_ejections_total")
+
+        before = _answered(proxy)
+        await _post(client, proxy.port, 50)
+        await eventually(lambda: _answered(proxy) >= before + 50)
+    assert 8.0 <= value("shadow_proxy_mirror_slow_after_seconds") < 60.0  # 4 x ~2 s
+    assert value("shadow_proxy_mirror_ejections_total") == ejections
+    assert value("shadow_proxy_mirror_breaker_state") == 0
