@@ -1,10 +1,12 @@
-"""Live-path benchmark: added latency, saturation throughput, accounting, isolation, memory and request shaping.
+"""Live-path benchmark: added latency, saturation throughput, accounting, isolation, memory, request shaping, and
+shadow-proxy against a naive aiohttp proxy (``bench/naive_proxy.py``) in the same run.
 
 Run from the repository root:
 
-    .venv/bin/python bench/live_path.py                        # full run, about 9 minutes
-    .venv/bin/python bench/live_path.py --quick                # shorter windows, about 3 minutes
+    .venv/bin/python bench/live_path.py                        # full run, about 16 minutes
+    .venv/bin/python bench/live_path.py --quick                # shorter windows, about 6 minutes
     .venv/bin/python bench/live_path.py --quick --only shaping # one scenario (here 6), about 1 minute
+    .venv/bin/python bench/live_path.py --quick --only targets # scenario 7 (issue 11), about 2.5 minutes
 
 Everything runs on 127.0.0.1 and is started here: cheap upstream servers (this file, run as
 ``_upstream`` subprocesses), a real redis-server (``proxy.tools.embedded_redis.EmbeddedRedis``), the proxy
