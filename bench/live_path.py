@@ -1,10 +1,12 @@
-"""Live-path benchmark: added latency, saturation throughput, accounting, isolation, memory and request shaping.
+"""Live-path benchmark: added latency, saturation throughput, accounting, isolation, memory, request shaping, and
+shadow-proxy against a naive aiohttp proxy (``bench/naive_proxy.py``) in the same run.
 
 Run from the repository root:
 
-    .venv/bin/python bench/live_path.py                        # full run, about 9 minutes
-    .venv/bin/python bench/live_path.py --quick                # shorter windows, about 3 minutes
+    .venv/bin/python bench/live_path.py                        # full run, about 16 minutes
+    .venv/bin/python bench/live_path.py --quick                # shorter windows, about 6 minutes
     .venv/bin/python bench/live_path.py --quick --only shaping # one scenario (here 6), about 1 minute
+    .venv/bin/python bench/live_path.py --quick --only targets # scenario 7 (issue 11), about 2.5 minutes
 
 Everything runs on 127.0.0.1 and is started here: cheap upstream servers (this file, run as
 ``_upstream`` subprocesses), a real redis-server (``proxy.tools.embedded_redis.EmbeddedRedis``), the proxy
@@ -128,6 +130,14 @@ TARGET_ADDED_P50_MS = 1.0
 TARGET_ADDED_P99_MS = 3.0
 TARGET_RPS_ONE_WORKER = 1500.0
 TARGET_ISOLATION_RATIO = 1.10
+# Scenario 7 (issue 11): shadow-proxy against bench/naive_proxy.py in the same run.
+TARGETS_CONNECTIONS = 32  # wrk -c32, as in the issue's table
+TARGET_CANDIDATES = {
+    "fast": "candidate",
+    "slow": "candidate_slow",
+    "refused": "candidate_refused",
+    "sse": "candidate_sse",
+}
 NOISY_PCT = 10.0  # other processes using more than this share of a core make a latency row suspect
 MAX_IN_FLIGHT = 256  # the proxy's default [shadow] max_in_flight, which the benchmark keeps
 
@@ -221,6 +231,26 @@ def _response(close: bool) -> bytes:
     return head.encode() + RESPONSE_BODY
 
 
+# Mode "sse" (scenario 7, time to first byte): a chunked text/event-stream answer, its first event at once, then
+# one every SSE_GAP seconds, SSE_EVENTS in all, then [DONE].
+SSE_EVENTS = 4
+SSE_GAP = 0.01
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def _sse_event(i: int) -> bytes:
+    """Event i as an HTTP chunk; the last one also carries [DONE] and the terminating chunk."""
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    event = chunk(b'data: {"choices":[{"index":0,"delta":{"content":"tok%d"}}]}\n\n' % i)
+    return event + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n" if i == SSE_EVENTS - 1 else event
+
+
 _MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]*)"')
 _AUTHORIZATION = re.compile(rb"\r\nauthorization:[ \t]*([^\r]*)")
 _MIRRORED = b"\r\nx-shadow-request:"  # the proxy's default [shadow] marker_header: a mirror or an A/A copy
@@ -292,7 +322,12 @@ class UpstreamProtocol(asyncio.Protocol):
     def answer(self, close: bool) -> None:
         if self.mode == "hang":
             return
-        if self.mode == "delay":
+        if self.mode == "sse":
+            assert self.transport is not None
+            self.transport.write(SSE_HEAD + _sse_event(0))
+            for i in range(1, SSE_EVENTS):
+                asyncio.get_running_loop().call_later(i * SSE_GAP, self.write_event, i, close)
+        elif self.mode == "delay":
             asyncio.get_running_loop().call_later(self.delay, self.write, close)
         else:
             self.write(close)
@@ -302,6 +337,13 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         self.transport.write(self.CLOSE if close else self.KEEP)
         if close:
+            self.transport.close()
+
+    def write_event(self, i: int, close: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(_sse_event(i))
+        if close and i == SSE_EVENTS - 1:
             self.transport.close()
 
 
@@ -347,11 +389,12 @@ def _response_size(buf: bytearray) -> tuple[int, int] | None:
 
 
 class Job:
-    __slots__ = ("scheduled", "sent", "measured")
+    __slots__ = ("scheduled", "sent", "first_byte", "measured")
 
     def __init__(self, scheduled: float, measured: bool) -> None:
         self.scheduled = scheduled
         self.sent = 0.0
+        self.first_byte = 0.0
         self.measured = measured
 
 
@@ -376,6 +419,8 @@ class ClientConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         t = time.perf_counter()
+        if self.job is not None and not self.job.first_byte:
+            self.job.first_byte = t
         self.buf += data
         parsed = _response_size(self.buf)
         if parsed is None:
@@ -412,6 +457,7 @@ class Generator:
         self.outstanding = 0
         self.latency: list[float] = []  # from the scheduled send time (no coordinated omission)
         self.service: list[float] = []  # from the actual send time
+        self.ttfb: list[float] = []  # first byte of the response, from the scheduled send time
         self.lag: list[float] = []  # actual send - scheduled
         self.errors: collections.Counter[str] = collections.Counter()
         self.completed_at: list[float] = []
@@ -455,6 +501,7 @@ class Generator:
     def finished(self, conn: ClientConn, job: Job, status: int, t: float) -> None:
         if job.measured:
             self.latency.append(t - min(job.scheduled, job.sent))
+            self.ttfb.append(job.first_byte - min(job.scheduled, job.sent))
             self.service.append(t - job.sent)
             self.lag.append(max(0.0, job.sent - job.scheduled))
             self.completed_at.append(t)
@@ -537,6 +584,7 @@ async def _open_loop(
         "error_count": sum(gen.errors.values()),
         "connections_opened": gen.connections,
         "latency_ms": _summary_ms(gen.latency),
+        "ttfb_ms": _summary_ms(gen.ttfb),
         "service_ms": _summary_ms(gen.service),
         "send_lag_ms": _summary_ms(gen.lag),
         "_samples": samples,
@@ -576,7 +624,7 @@ def _child_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="live_path.py (child)")
     parser.add_argument("role", choices=["_upstream", "_openloop", "_closedloop"])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--mode", default="fast", choices=["fast", "delay", "hang", "chat"])
+    parser.add_argument("--mode", default="fast", choices=["fast", "delay", "hang", "chat", "sse"])
     parser.add_argument("--delay-ms", type=float, default=0.0)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -963,6 +1011,22 @@ class Bench:
             raise RuntimeError(f"proxy {name} did not start:\n{self.children.log_tail(f'proxy-{name}')}") from None
         return proxy
 
+    def start_naive(self, name: str, *, candidate: str, workers: int = 1, incumbent: str = "incumbent") -> Proxy:
+        """bench/naive_proxy.py, pinned like the proxy; it has no admin port (0) and records nothing."""
+        port = free_port()
+        script = str(ROOT / "bench" / "naive_proxy.py")
+        argv = [sys.executable, script, "--listen", str(port), "--workers", str(workers)]
+        argv += ["--incumbent", self.url(incumbent), "--candidate", self.url(candidate)]
+        proc = self.children.spawn(f"naive-{name}", argv, cores=self.proxy_cores if workers == 1 else None)
+        try:
+            wait_for_port(port, proc)
+        except Exception:
+            self.children.stop(proc)
+            raise RuntimeError(
+                f"naive proxy {name} did not start:\n{self.children.log_tail(f'naive-{name}')}"
+            ) from None
+        return Proxy(name, proc, port, 0, workers)
+
     def _wait_ready(self, proxy: Proxy, timeout: float = 20.0) -> None:
         wait_for_port(proxy.admin_port, proxy.proc, timeout)
         deadline = time.monotonic() + timeout
@@ -1048,23 +1112,33 @@ class Bench:
             result["rss_samples"] = rss
         return result
 
-    def saturate(self, name: str, port: int) -> dict[str, Any]:
-        """A warm-up, then back-to-back windows; the median window's figures, with every window's req/s."""
-        s = self.s
-        if s.sat_warmup_seconds:
-            self._load_closed(f"{name}-warmup", port, s.sat_warmup_seconds)
-        windows = [self._load_closed(f"{name}-{i}", port, s.sat_seconds) for i in range(s.sat_windows)]
-        median = sorted(windows, key=lambda w: float(w["rps"]))[(len(windows) - 1) // 2]  # lower median
-        result = dict(median)
-        result["windows_rps"] = [round(float(w["rps"]), 1) for w in windows]
-        result["requests"] = sum(int(w.get("requests", 0)) for w in windows)
-        result["errors"] = sum(int(w["errors"]) for w in windows)
-        result["foreign_cpu_pct"] = max(float(w["foreign_cpu_pct"]) for w in windows)
-        result["windows"] = windows
-        return result
+    def saturate(
+        self, name: str, port: int, *, cpu: Callable[[], float] | None = None, connections: int = 0
+    ) -> dict[str, Any]:
+        """A warm-up, then back-to-back windows; the median window's figures, with every window's req/s.
 
-    def _load_closed(self, name: str, port: int, seconds: float) -> dict[str, Any]:
+        cpu (the subject's CPU seconds so far) adds each window's CPU time and the CPU per request over all windows.
+        """
+        return self.saturate_together({name: (port, cpu)}, connections)[name]
+
+    def saturate_together(
+        self, subjects: dict[str, tuple[int, Callable[[], float] | None]], connections: int = 0
+    ) -> dict[str, dict[str, Any]]:
+        """saturate() for several subjects, their windows taking turns, so a drift of the machine hits them alike."""
         s = self.s
+        connections = connections or s.sat_connections
+        windows: dict[str, list[dict[str, Any]]] = {name: [] for name in subjects}
+        for name, (port, _) in subjects.items():
+            if s.sat_warmup_seconds:
+                self._load_closed(f"{name}-warmup", port, s.sat_warmup_seconds, connections)
+        for i in range(s.sat_windows):
+            for name, (port, cpu) in subjects.items():
+                before = cpu() if cpu else 0.0
+                windows[name].append(self._load_closed(f"{name}-{i}", port, s.sat_seconds, connections))
+                windows[name][-1]["cpu_seconds"] = cpu() - before if cpu else None
+        return {name: _saturation_summary(runs) for name, runs in windows.items()}
+
+    def _load_closed(self, name: str, port: int, seconds: float, connections: int) -> dict[str, Any]:
         if self.wrk:
             script = self.workdir / "post.lua"
             body = REQUEST_BODY.decode().replace("\\", "\\\\").replace('"', '\\"')
@@ -1074,7 +1148,7 @@ class Bench:
             argv = [
                 self.wrk,
                 "-t1",
-                f"-c{s.sat_connections}",
+                f"-c{connections}",
                 f"-d{seconds:g}s",
                 "--timeout",
                 "5s",
@@ -1103,7 +1177,7 @@ class Bench:
             "--warmup",
             "0",
             "--connections",
-            str(s.sat_connections),
+            str(connections),
         ]
         noise = ForeignCpu()
         proc = self.children.spawn(f"closedloop-{name}", argv, cores=self.aux_cores, stdout=subprocess.PIPE)
@@ -1172,20 +1246,22 @@ class Bench:
             finally:
                 self.stop_proxy(proxy)
             runs[key] = run
-        # Direct (last, so its burst cannot disturb the proxy runs): the incumbent gets the core the
-        # proxy had, the load generator the other one.
+        runs["direct"] = self.saturate_direct("direct")  # last, so its burst cannot disturb the proxy runs
+        self.results["saturation"] = runs
+
+    def saturate_direct(self, name: str, connections: int = 0) -> dict[str, Any]:
+        """The incumbent saturated directly, moved for the run to the core a proxy has (the load keeps the other)."""
         inc_proc = self.upstreams["incumbent"][0]
         assert inc_proc is not None
         if self.pinned:
             assert self.proxy_cores is not None
             os.sched_setaffinity(inc_proc.pid, self.proxy_cores)
         try:
-            runs["direct"] = self.saturate("direct", self.port("incumbent"))
+            return self.saturate(name, self.port("incumbent"), connections=connections)
         finally:
             if self.pinned:
                 assert self.aux_cores is not None
                 os.sched_setaffinity(inc_proc.pid, self.aux_cores)
-        self.results["saturation"] = runs
 
     def accounting(self, proxy: Proxy) -> dict[str, Any]:
         if proxy.workers == 1:
@@ -1375,6 +1451,65 @@ class Bench:
         result["seen"] = {arm: self.upstream_seen(f"chat_{arm}") for arm in ("incumbent", "candidate")}
         return result
 
+    def scenario_targets(self) -> None:
+        """Issue 11: direct, the naive aiohttp proxy and shadow-proxy (mirroring + recording) in the same run.
+
+        Every proxy is a fresh process pinned to the proxy core (--workers 2: all cores). Open loop: one case at a
+        time, naive and shadow-proxy alternating; saturating: both up side by side, their windows taking turns.
+        """
+        log(f"7. targets: naive aiohttp proxy vs shadow-proxy, open loop {self.s.rate:g} req/s and wrk -c32")
+        for name in ("incumbent_sse", "candidate_sse"):
+            if name not in self.upstreams:
+                self.start_upstream(name, "sse")
+        runs: dict[str, Any] = {}
+        for key, upstream in (("direct", "incumbent"), ("direct_sse", "incumbent_sse")):
+            name = f"targets_{key}"
+            runs[key] = self.quietest(name, functools.partial(self.open_loop, name, self.port(upstream)))
+        for cand in TARGET_CANDIDATES:
+            for kind in ("naive", "shadow"):
+                runs[f"{kind}_{cand}"] = self.quietest(
+                    f"targets_{kind}_{cand}", functools.partial(self.target_open, kind, cand)
+                )
+        for cand, workers in (("fast", 1), ("slow", 1), ("refused", 1), ("fast", 2)):
+            for kind, run in self.target_saturate(cand, workers).items():
+                runs[f"{kind}_{cand}_{workers}w_sat"] = run
+        runs["direct_sat"] = self.saturate_direct("targets_direct_sat", TARGETS_CONNECTIONS)
+        self.results["targets"] = runs
+
+    def subject(self, kind: str, name: str, cand: str, workers: int = 1) -> Proxy:
+        """A fresh naive proxy or shadow-proxy (mirroring + recording) with one of the TARGET_CANDIDATES."""
+        candidate, incumbent = TARGET_CANDIDATES[cand], "incumbent_sse" if cand == "sse" else "incumbent"
+        if kind == "naive":
+            return self.start_naive(name, candidate=candidate, workers=workers, incumbent=incumbent)
+        return self.start_proxy(name, candidate=candidate, record=True, workers=workers, incumbent=incumbent)
+
+    def target_open(self, kind: str, cand: str) -> dict[str, Any]:
+        name = f"targets_{kind}_{cand}"
+        proxy = self.subject(kind, name, cand)
+        try:
+            result = self.open_loop(name, proxy.port)
+            if kind == "shadow":
+                result["proxy"] = self.drain(proxy, timeout=10)
+        finally:
+            self.stop_proxy(proxy)
+        return result
+
+    def target_saturate(self, cand: str, workers: int) -> dict[str, dict[str, Any]]:
+        """wrk -c32 windows, naive and shadow-proxy taking turns, with each one's CPU time; shadow-proxy's
+        accounting once drained. Both run side by side (the idle one waits); the naive one records nothing."""
+        self.clear_redis()
+        proxies: dict[str, Proxy] = {}
+        try:
+            for kind in ("naive", "shadow"):
+                proxies[kind] = self.subject(kind, f"targets_{kind}_{cand}_{workers}w_sat", cand, workers)
+            subjects = {name: (p.port, p.cpu_seconds) for name, p in proxies.items()}
+            runs = self.saturate_together(subjects, TARGETS_CONNECTIONS)
+            runs["shadow"]["accounting"] = self.accounting(proxies["shadow"])
+        finally:
+            for proxy in proxies.values():
+                self.stop_proxy(proxy)
+        return runs
+
     def upstream_seen(self, name: str) -> dict[str, int]:
         """A chat upstream's counts of what it was sent since the last call ("model | authorization")."""
         status, body = http_get(self.port(name), "/_seen")
@@ -1395,6 +1530,8 @@ class Bench:
             self.scenario_memory()
         if "6" in only:
             self.scenario_shaping()
+        if "7" in only:
+            self.scenario_targets()
 
 
 def shaping_apply_costs() -> dict[str, dict[str, float]]:
@@ -1459,6 +1596,20 @@ def _seen_as_expected(run: dict[str, Any], case: ShapingCase) -> bool:
         and set(cand) == {f"{case.candidate_gets} | mirror"}
         and live == mirrored >= int(run["requests"])
     )
+
+
+def _saturation_summary(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median window's figures, with every window's req/s, and the CPU per request when it was measured."""
+    median = sorted(windows, key=lambda w: float(w["rps"]))[(len(windows) - 1) // 2]  # lower median
+    result = dict(median)
+    result["windows_rps"] = [round(float(w["rps"]), 1) for w in windows]
+    result["requests"] = sum(int(w.get("requests", 0)) for w in windows)
+    result["errors"] = sum(int(w["errors"]) for w in windows)
+    result["foreign_cpu_pct"] = max(float(w["foreign_cpu_pct"]) for w in windows)
+    result["windows"] = windows
+    if all(w["cpu_seconds"] is not None for w in windows):
+        result["cpu_us_per_request"] = 1e6 * sum(w["cpu_seconds"] for w in windows) / max(1, result["requests"])
+    return result
 
 
 def _merge_accounting(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1562,6 +1713,10 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
         if out[-1]:
             add("")
         _render_shaping(add, r["shaping"], s)
+    if "targets" in r:
+        if out[-1]:
+            add("")
+        _render_targets(add, r["targets"], s)
     return "\n".join(out).rstrip()
 
 
@@ -1839,6 +1994,135 @@ def _render_shaping(add: Any, result: dict[str, Any], s: Settings) -> None:
     )
 
 
+def _ms(run: dict[str, Any], q: str, what: str = "latency_ms") -> float:
+    return float(run[what][q])
+
+
+def _written_per_request(run: dict[str, Any]) -> float:
+    a = run["accounting"]
+    return float(a["records_written"]) / max(1.0, float(a["requests"]))
+
+
+def _within(case: dict[str, Any], fast: dict[str, Any], q: str) -> bool:
+    """Issue 11's isolation bar: within 10% (+0.1 ms) of the same subject with a fast candidate."""
+    return _ms(case, q) <= _ms(fast, q) * TARGET_ISOLATION_RATIO + 0.1
+
+
+def target_checks(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Issue 11's targets for shadow-proxy, each as (target, measured, met), from scenario 7's runs."""
+    sat = {key.removesuffix("_sat"): r[key] for key in r if key.endswith("_sat")}
+    fast, naive = sat["shadow_fast_1w"], sat["naive_fast_1w"]
+    rps_ratio = fast["rps"] / naive["rps"]
+    cpu_ratio = fast["cpu_us_per_request"] / naive["cpu_us_per_request"]
+    sse_added = _ms(r["shadow_sse"], "p50", "ttfb_ms") - _ms(r["direct_sse"], "p50", "ttfb_ms")
+    written = [_written_per_request(sat[f"shadow_fast_{w}w"]) for w in (1, 2)]
+    checks = [
+        ("saturating req/s >= 1.0x naive (fast candidate)", f"{rps_ratio:.2f}x", rps_ratio >= 1.0),
+        ("CPU per request <= 0.9x naive (fast candidate)", f"{cpu_ratio:.2f}x", cpu_ratio <= 0.9),
+    ]
+    for cand, label in (("slow", "300 ms candidate"), ("refused", "refusing candidate")):
+        ratio = sat[f"shadow_{cand}_1w"]["rps"] / fast["rps"]
+        case, base = r[f"shadow_{cand}"], r["shadow_fast"]
+        measured = ", ".join(f"{q} {_ms(case, q):.3f} vs {_ms(base, q):.3f} ms" for q in ("p50", "p99"))
+        checks.append((f"{label}: saturating req/s >= 0.95x fast", f"{ratio:.2f}x", ratio >= 0.95))
+        checks.append(
+            (
+                f"{label}: open-loop p50, p99 <= 1.10x fast + 0.1 ms",
+                measured,
+                all(_within(case, base, q) for q in ("p50", "p99")),
+            )
+        )
+    two = sat["shadow_fast_2w"]["rps"] / fast["rps"]
+    return [
+        *checks,
+        ("SSE time to first byte, added p50 <= 0.5 ms over direct", f"{sse_added:+.3f} ms", sse_added <= 0.5),
+        (
+            "records / requests = 1.000 (fast; 1 worker, --workers 2)",
+            " ".join(f"{w:.3f}" for w in written),
+            all(w == 1.0 for w in written),
+        ),
+        ("--workers 2 >= 1.7x one worker (saturating, fast)", f"{two:.2f}x", two >= 1.7),
+    ]
+
+
+def _render_targets(add: Any, r: dict[str, Any], s: Settings) -> None:
+    add(
+        "7. Against a naive aiohttp proxy (bench/naive_proxy.py, issue 11): direct, naive and shadow-proxy in the "
+        "same run, fresh processes per case pinned to the proxy core (--workers 2: all cores, shared); shadow-proxy "
+        "mirrors and records, the naive proxy mirrors every POST and records nothing"
+    )
+    add(
+        f"   saturating: wrk -c{TARGETS_CONNECTIONS}, {s.sat_windows} x {s.sat_seconds:g} s windows each, naive and "
+        "shadow-proxy up side by side taking turns, the median window; "
+        "CPU = utime+stime of the proxy's processes over the windows / requests; open loop: "
+        f"{s.rate:g} req/s x {s.latency_seconds:g} s; SSE: {SSE_EVENTS} events {SSE_GAP * 1000:g} ms apart, "
+        "the first at once"
+    )
+    add(f"   {'figure':46} {'direct':>8} {'naive':>8} {'shadow':>8} {'x naive':>8} {'x direct':>8} {'other%':>6}")
+
+    def row(
+        label: str, direct: float | None, naive: dict[str, Any], shadow: dict[str, Any], value: Any, digits: int
+    ) -> None:
+        n, sp = value(naive), value(shadow)
+        d = f"{direct:>8.{digits}f}" if direct is not None else f"{'':>8}"
+        vs_direct = f"{sp / direct:>8.2f}" if direct else f"{'':>8}"
+        other = max(float(naive["foreign_cpu_pct"]), float(shadow["foreign_cpu_pct"]))
+        add(
+            f"   {label:46} {d} {n:>8.{digits}f} {sp:>8.{digits}f} {sp / n:>8.2f} {vs_direct} "
+            f"{other:>5.1f}{'!' if other > NOISY_PCT else ' '}"
+        )
+
+    cands = {"fast": "fast candidate", "slow": "300 ms candidate", "refused": "refusing candidate"}
+    direct_rps = float(r["direct_sat"]["rps"])
+    for cand, label in cands.items():
+        n, sp = r[f"naive_{cand}_1w_sat"], r[f"shadow_{cand}_1w_sat"]
+        row(f"saturating req/s, {label}", direct_rps, n, sp, lambda run: float(run["rps"]), 0)
+    row(
+        "saturating req/s, --workers 2, fast candidate",
+        direct_rps,
+        r["naive_fast_2w_sat"],
+        r["shadow_fast_2w_sat"],
+        lambda run: float(run["rps"]),
+        0,
+    )
+    for cand, label in cands.items():
+        n, sp = r[f"naive_{cand}_1w_sat"], r[f"shadow_{cand}_1w_sat"]
+        row(f"CPU us per request, {label}", None, n, sp, lambda run: float(run["cpu_us_per_request"]), 0)
+    for q in ("p50", "p99"):
+        for cand, label in cands.items():
+            row(
+                f"open-loop {q} ms, {label}",
+                _ms(r["direct"], q),
+                r[f"naive_{cand}"],
+                r[f"shadow_{cand}"],
+                functools.partial(_ms, q=q),
+                3,
+            )
+    ttfb = functools.partial(_ms, q="p50", what="ttfb_ms")
+    row("SSE time to first byte p50 ms", ttfb(r["direct_sse"]), r["naive_sse"], r["shadow_sse"], ttfb, 3)
+    base = ttfb(r["direct_sse"])
+    row("SSE time to first byte, added p50 ms", None, r["naive_sse"], r["shadow_sse"], lambda run: ttfb(run) - base, 3)
+    one = {kind: float(r[f"{kind}_fast_1w_sat"]["rps"]) for kind in ("naive", "shadow")}
+    two = {kind: float(r[f"{kind}_fast_2w_sat"]["rps"]) / one[kind] for kind in ("naive", "shadow")}
+    add(f"   --workers 2 / 1 worker: naive {two['naive']:.2f}x, shadow-proxy {two['shadow']:.2f}x")
+    for cand, label in cands.items():
+        a = r[f"shadow_{cand}_1w_sat"]["accounting"]
+        add(
+            f"   shadow-proxy saturating, {label}: {a['requests']:.0f} requests, records written/requests "
+            f"{_written_per_request(r[f'shadow_{cand}_1w_sat']):.3f}, mirrors sent {a['mirrors_sent']:.0f}, skipped "
+            f"{dict(a['mirrors_skipped']) or 0}, failed {dict(a['mirrors_failed']) or 0}"
+        )
+    errors = {key: run["error_count"] for key, run in r.items() if "error_count" in run and run["error_count"]}
+    errors |= {key: run["errors"] for key, run in r.items() if key.endswith("_sat") and run["errors"]}
+    add(f"   client-side errors: {errors or 'none'}")
+    add(f"   {'target (shadow-proxy, same run)':58} {'measured':48} verdict")
+    for target, measured, ok in target_checks(r):
+        add(f"   {target:58} {measured:48} {_verdict(ok)}")
+    noisy = [key for key, run in r.items() if float(run.get("foreign_cpu_pct", 0)) > NOISY_PCT]
+    if noisy:
+        add(f"   [not conclusive where it rests on: {', '.join(noisy)} (measured while other processes were busy)]")
+
+
 def _counts(seen: dict[str, int]) -> str:
     """'N live + M marked as "model | authorization"', for each distinct shape an upstream was sent."""
     shapes: dict[str, list[int]] = {}
@@ -1918,8 +2202,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter windows (about 3 minutes)")
     parser.add_argument(
         "--only",
-        default="1,2,3,4,5,6",
-        help="comma-separated scenarios to run, 1 to 6 (6 or shaping: request shaping; default: all)",
+        default="1,2,3,4,5,6,7",
+        help="comma-separated scenarios to run, 1 to 7 (6 or shaping: request shaping; 7 or targets: against the "
+        "naive aiohttp proxy, issue 11; default: all)",
     )
     parser.add_argument("--no-wrk", action="store_true", help="use the Python closed-loop generator even if wrk exists")
     parser.add_argument(
@@ -1928,7 +2213,7 @@ def main(argv: list[str]) -> int:
         help="write every open-loop sample (completion s, latency ms, service ms) to DIR/<case>.txt",
     )
     args = parser.parse_args(argv)
-    only = {"6" if name == "shaping" else name for name in args.only.split(",")}
+    only = {{"shaping": "6", "targets": "7"}.get(name, name) for name in args.only.split(",")}
     settings = QUICK if args.quick else FULL
 
     def interrupted(signum: int, _frame: object) -> None:
