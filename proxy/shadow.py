@@ -80,6 +80,9 @@ class ShadowDispatcher:
         self._metrics = metrics
         self._cap = capture_cap
         self._flights: dict[asyncio.Task[None], _Flight] = {}
+        # asyncio.get_running_loop() (and so asyncio.create_task) calls getpid() on Python 3.11: a system call
+        # per use, twice per mirror. The dispatcher lives on one loop: look it up once.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._breaker = (
             Breaker(config.breaker_failures, config.breaker_cooldown, config.breaker_max_cooldown)
             if config.breaker_failures
@@ -126,7 +129,7 @@ class ShadowDispatcher:
         when this target does not want it, its set is full, it refuses connections or its budget is spent."""
         reason = self.skip_reason(exchange)
         if reason is not None:
-            self._metrics.mirrors_skipped.labels(self.target, reason).inc()
+            self._metrics.child(self._metrics.mirrors_skipped, self.target, reason).inc()
             if self.role == "shadow":
                 exchange.shadow_skipped[self.upstream.name] = reason
             return None
@@ -136,14 +139,17 @@ class ShadowDispatcher:
         exchange.expect_arm()
         headers = [*headers, (self._config.marker_header, self._config.marker_value)]
         flight = _Flight(arm)
-        task = flight.task = asyncio.create_task(self._mirror(exchange, flight, raw_path_qs, headers))
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = flight.task = loop.create_task(self._mirror(exchange, flight, raw_path_qs, headers))
         self._flights[task] = flight
         task.add_done_callback(self._forget)
         if self._breaker is not None and self._slow is not None:
             # A probe waits the whole slow_after: the target's latency may have changed while it was ejected.
             after = self._slow_after if self._breaker.probing else self._slow.value
-            flight.timer = asyncio.get_running_loop().call_later(after, self._on_slow, flight)
-        self._metrics.mirrors_sent.labels(self.target).inc()
+            flight.timer = loop.call_later(after, self._on_slow, flight)
+        self._metrics.child(self._metrics.mirrors_sent, self.target).inc()
         self._gauge.inc()
         return arm
 
@@ -176,7 +182,8 @@ class ShadowDispatcher:
             raise
         finally:
             if arm.end is not None and arm.error is None:
-                self._metrics.upstream_latency.labels(self.upstream.name, arm.role).observe(arm.end - arm.start)
+                latency = self._metrics.child(self._metrics.upstream_latency, self.upstream.name, arm.role)
+                latency.observe(arm.end - arm.start)
             self._gauge.dec()
             exchange.arm_done()
 
