@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from proxy.tools.embedded_redis import find_redis_server  # noqa: E402
+
 HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
 REQUEST_BODY = '{"model":"bench","messages":[{"role":"user","content":"Say hello in one word."}],"max_tokens":8}'
@@ -55,10 +57,10 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its threads, from /proc."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU of a process and its threads, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def pinned(cores: str, argv: list[str]) -> list[str]:
@@ -101,16 +103,27 @@ def top_functions(raw: Path, count: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="one measured window")
-    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=3, help="windows per proxy (alternating between proxies)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--no-record", action="store_true", help="recording off (mirroring stays on)")
     parser.add_argument("--no-mirror", action="store_true", help="no candidate")
-    parser.add_argument("--profile", type=float, default=0.0, help="then py-spy record this many seconds")
     parser.add_argument(
-        "--instead", default="", help="measure this command instead of the proxy ({incumbent} {candidate} {port})"
+        "--compare",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also measure the proxy package of another checkout (e.g. a `git archive` of the base commit)",
     )
+    parser.add_argument(
+        "--instead",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="also measure this command, run by this Python ({incumbent} {candidate} {port} are filled in)",
+    )
+    parser.add_argument("--profile", type=float, default=0.0, help="then py-spy record the first proxy this long")
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--out", type=Path, default=None, help="also write the py-spy speedscope profile here")
+    parser.add_argument("--out", type=Path, default=None, help="also keep py-spy's collapsed stacks here")
     args = parser.parse_args()
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -118,10 +131,10 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     main_core, aux = str(cores[0]), str(cores[-1])
     python = sys.executable
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(argv: list[str], core: str) -> subprocess.Popen[bytes]:
+    def spawn(argv: list[str], core: str, code: Path = ROOT) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONPATH": str(code)}
         proc = subprocess.Popen(pinned(core, argv), cwd=ROOT, env=env, start_new_session=True)
         procs.append(proc)
         return proc
@@ -131,58 +144,76 @@ def main() -> None:
         try:
             redis_port = free_port()
             spawn([find_redis_server(), "--port", str(redis_port), "--save", "", "--appendonly", "no"], aux)
-            ports = {}
+            urls = {}
             for name in ("incumbent", "candidate"):
-                ports[name] = free_port()
-                upstream = [python, "bench/live_path.py", "_upstream", "--port", str(ports[name]), "--mode", "fast"]
+                upstream_port = free_port()
+                upstream = [python, "bench/live_path.py", "_upstream", "--port", str(upstream_port), "--mode", "fast"]
                 spawn([*upstream, "--delay-ms", "0"], aux)
-            for port in (redis_port, *ports.values()):
-                wait_for_port(port)
+                wait_for_port(upstream_port)
+                urls[name] = f"http://{HOST}:{upstream_port}"
+            wait_for_port(redis_port)
             config = workdir / "proxy.toml"
             record = "false" if args.no_record else "true"
             config.write_text(f'[proxy]\nlog_level = "warning"\n\n[record]\nenabled = {record}\n')
-            port, admin = free_port(), free_port()
-            argv = [python, "-m", "proxy", "serve", "--config", str(config), "--listen", f"{HOST}:{port}"]
-            argv += ["--admin-listen", f"{HOST}:{admin}", "--incumbent", f"http://{HOST}:{ports['incumbent']}"]
-            argv += ["--redis-url", f"redis://{HOST}:{redis_port}/0"]
-            if not args.no_mirror:
-                argv += ["--candidate", f"http://{HOST}:{ports['candidate']}"]
-            if args.instead:
-                urls = {name: f"http://{HOST}:{p}" for name, p in ports.items()}
-                argv = [python, *args.instead.format(port=port, **urls).split()]
-            proxy = spawn(argv, main_core)
-            wait_for_port(port)
-            wrk(port, 3, args.connections, workdir, aux)  # warm-up
-            results = []
-            for _ in range(args.windows):
-                before = cpu_seconds(proxy.pid)
-                requests = wrk(port, args.seconds, args.connections, workdir, aux)
-                used = cpu_seconds(proxy.pid) - before
-                results.append((requests / args.seconds, used / requests * 1e6))
-                print(f"window: {requests / args.seconds:7.0f} req/s  {used / requests * 1e6:6.1f} us CPU/request")
-            per_request = sorted(us for _, us in results)
-            print(f"median: {per_request[len(per_request) // 2]:.1f} us CPU/request (all: {per_request})")
+            # Every process is started first and idles while another is measured (all on the same core).
+            measured: list[tuple[str, subprocess.Popen[bytes], int]] = []
+            for label, code in [("this checkout", ROOT)] + [(str(d), Path(d).resolve()) for d in args.compare]:
+                port, admin = free_port(), free_port()
+                argv = [python, "-m", "proxy", "serve", "--config", str(config), "--listen", f"{HOST}:{port}"]
+                argv += ["--admin-listen", f"{HOST}:{admin}", "--incumbent", urls["incumbent"]]
+                argv += ["--redis-url", f"redis://{HOST}:{redis_port}/0"]
+                if not args.no_mirror:
+                    argv += ["--candidate", urls["candidate"]]
+                measured.append((label, spawn(argv, main_core, code), port))
+            for command in args.instead:
+                port = free_port()
+                measured.append((command, spawn([python, *command.format(port=port, **urls).split()], main_core), port))
+            for _, _, port in measured:
+                wait_for_port(port)
+                wrk(port, 3, args.connections, workdir, aux)  # warm-up
+            results: dict[str, list[float]] = {label: [] for label, _, _ in measured}
+            for window in range(args.windows):
+                for label, proc, port in measured[window % len(measured) :] + measured[: window % len(measured)]:
+                    user, system = cpu_seconds(proc.pid)
+                    requests = wrk(port, args.seconds, args.connections, workdir, aux)
+                    user_after, system_after = cpu_seconds(proc.pid)
+                    per_request = (user_after - user + system_after - system) / requests * 1e6
+                    system_share = (system_after - system) / requests * 1e6
+                    results[label].append(per_request)
+                    rate = requests / args.seconds
+                    print(
+                        f"{label}: {rate:6.0f} req/s {per_request:6.1f} us CPU/request ({system_share:.0f} system)",
+                        flush=True,
+                    )
+            first = statistics.median(results[measured[0][0]])
+            for label, values in results.items():
+                median = statistics.median(values)
+                spread = ", ".join(f"{v:.0f}" for v in values)
+                print(f"median {median:6.1f} us CPU/request ({median / first:.3f}x the first)  [{spread}]  {label}")
             if args.profile:
-                raw = workdir / "profile.txt"
-                spy = shutil.which("py-spy", path=str(Path(python).parent)) or "py-spy"
-                record_cmd = [spy, "record", "--pid", str(proxy.pid), "--duration", f"{args.profile:g}", "--native"]
-                load = subprocess.Popen(
-                    pinned(aux, ["wrk", "-t1", f"-c{args.connections}", f"-d{args.profile + 4:g}s"])
-                    + ["-s", str(workdir / "post.lua"), f"http://{HOST}:{port}{PATH}"],
-                    stdout=subprocess.DEVNULL,
-                )
-                time.sleep(1)
-                subprocess.run([*record_cmd, "--format", "raw", "-o", str(raw)], check=True, capture_output=True)
-                load.wait()
-                print(top_functions(raw, args.top))
-                if args.out is not None:
-                    shutil.copy(raw, args.out)
+                profile(measured[0][1].pid, measured[0][2], args, workdir, aux, python)
         finally:
-            for proc in reversed(procs):  # the proxy first, Redis last
+            for proc in reversed(procs):  # the proxies first, Redis last
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(10)
+
+
+def profile(pid: int, port: int, args: argparse.Namespace, workdir: Path, aux: str, python: str) -> None:
+    """py-spy record while wrk saturates the proxy; the top functions. Non-blocking, Python frames only: a
+    blocking (or --native) profile stops the process per sample and overweights system calls."""
+    raw = workdir / "profile.txt"
+    spy = shutil.which("py-spy", path=str(Path(python).parent)) or "py-spy"
+    wrk_argv = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.profile + 4:g}s", "-s", str(workdir / "post.lua")]
+    load = subprocess.Popen(pinned(aux, [*wrk_argv, f"http://{HOST}:{port}{PATH}"]), stdout=subprocess.DEVNULL)
+    time.sleep(1)
+    record = [spy, "record", "--pid", str(pid), "--duration", f"{args.profile:g}", "--nonblocking"]
+    subprocess.run([*record, "--format", "raw", "-o", str(raw)], check=True, capture_output=True)
+    load.wait()
+    print(top_functions(raw, args.top))
+    if args.out is not None:
+        shutil.copy(raw, args.out)
 
 
 if __name__ == "__main__":
