@@ -134,8 +134,9 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(argv: list[str], core: str, code: Path = ROOT) -> subprocess.Popen[bytes]:
+        # `python -m` puts the working directory first on sys.path: it must be the checkout measured.
         env = {**os.environ, "PYTHONPATH": str(code)}
-        proc = subprocess.Popen(pinned(core, argv), cwd=ROOT, env=env, start_new_session=True)
+        proc = subprocess.Popen(pinned(core, argv), cwd=code, env=env, start_new_session=True)
         procs.append(proc)
         return proc
 
@@ -147,7 +148,15 @@ def main() -> None:
             urls = {}
             for name in ("incumbent", "candidate"):
                 upstream_port = free_port()
-                upstream = [python, "bench/live_path.py", "_upstream", "--port", str(upstream_port), "--mode", "fast"]
+                upstream = [
+                    python,
+                    str(ROOT / "bench" / "live_path.py"),
+                    "_upstream",
+                    "--port",
+                    str(upstream_port),
+                    "--mode",
+                    "fast",
+                ]
                 spawn([*upstream, "--delay-ms", "0"], aux)
                 wait_for_port(upstream_port)
                 urls[name] = f"http://{HOST}:{upstream_port}"
