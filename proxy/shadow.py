@@ -97,6 +97,7 @@ class ShadowDispatcher:
         self._gauge = metrics.mirrors_in_flight.labels(target)
         self._state_gauge = metrics.mirror_breaker_state.labels(target)
         self._state_gauge.set(0)
+        self._state_value = 0  # what the gauge holds: set() takes a lock, so only on a change
         self._slow_gauge = metrics.mirror_slow_after.labels(target)
         self._slow_gauge.set(self._slow.value if self._slow is not None else 0)
         self._warned_unpriced = False
@@ -119,7 +120,7 @@ class ShadowDispatcher:
         # Last: allow() may hand out the breaker's one probe, which must then really be sent.
         if self._breaker is not None:
             allowed = self._breaker.allow(now())
-            self._state_gauge.set(STATE_VALUES[self._breaker.state])
+            self._show_state(self._breaker)
             if not allowed:
                 return "target_down"
         return None
@@ -232,10 +233,16 @@ class ShadowDispatcher:
             return None
         flight.judged = True
         change = self._breaker.record(error, now())
-        self._state_gauge.set(STATE_VALUES[self._breaker.state])
+        self._show_state(self._breaker)
         if change is not None:
             self._on_change(change)
         return change
+
+    def _show_state(self, breaker: Breaker) -> None:
+        value = STATE_VALUES[breaker.state]
+        if value != self._state_value:
+            self._state_gauge.set(value)
+            self._state_value = value
 
     def _on_change(self, change: Change) -> None:
         assert self._breaker is not None
