@@ -97,30 +97,26 @@ class ArmCapture:
     def summary(self, origin: float) -> dict[str, Any]:
         """The arm as wire-format metadata; times in ms relative to the request's arrival."""
 
-        def rel(t: float | None) -> float | None:
-            return None if t is None else round((t - origin) * 1000.0, 3)
-
-        gaps = sorted(self.gaps)
+        gaps = sorted(self.gaps) if self.gaps else []
+        many = self.chunk_count > 1
         return {
             "upstream": self.upstream,
             "role": self.role,
             "model": self.model,
             "status": self.status,
             "error": self.error,
-            "start_ms": rel(self.start),
-            "first_byte_ms": rel(self.first_byte),
-            "first_chunk_ms": rel(self.first_chunk),
-            "end_ms": rel(self.end),
+            "start_ms": _delta(origin, self.start),
+            "first_byte_ms": _delta(origin, self.first_byte),
+            "first_chunk_ms": _delta(origin, self.first_chunk),
+            "end_ms": _delta(origin, self.end),
             "ttfb_ms": _delta(self.start, self.first_byte),
             "duration_ms": _delta(self.start, self.end),
             "chunks": {
                 "count": self.chunk_count,
-                "gap_mean_ms": round(self.gap_sum / (self.chunk_count - 1) * 1000.0, 3)
-                if self.chunk_count > 1
-                else None,
+                "gap_mean_ms": round(self.gap_sum / (self.chunk_count - 1) * 1000.0, 3) if many else None,
                 "gap_p50_ms": _quantile_ms(gaps, 0.50),
                 "gap_p95_ms": _quantile_ms(gaps, 0.95),
-                "gap_max_ms": round(self.gap_max * 1000.0, 3) if self.chunk_count > 1 else None,
+                "gap_max_ms": round(self.gap_max * 1000.0, 3) if many else None,
             },
             "headers": [[k.lower(), v] for k, v in self.headers if k.lower() not in _SKIP_RESPONSE_HEADERS],
             "bytes": self.size,

@@ -39,11 +39,30 @@ def connection_tokens(items: Iterable[tuple[str, str]]) -> frozenset[str]:
     )
 
 
+def _lowered(items: Iterable[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(lowercased name, name, value) per header: every later test reads the lowercased name, computed once."""
+    return [(name.lower(), name, value) for name, value in items]
+
+
+def _drop(lowered: list[tuple[str, str, str]], extra_drop: frozenset[str]) -> frozenset[str]:
+    drop = HOP_BY_HOP | extra_drop
+    tokens = [token.strip().lower() for low, _, value in lowered if low == "connection" for token in value.split(",")]
+    return drop.union(token for token in tokens if token) if tokens else drop
+
+
 def end_to_end(items: Iterable[tuple[str, str]], extra_drop: frozenset[str] = frozenset()) -> Headers:
     """Keep end-to-end headers in order (repeated ones too), dropping hop-by-hop ones."""
-    pairs = list(items)
-    drop = HOP_BY_HOP | connection_tokens(pairs) | extra_drop
-    return [(name, value) for name, value in pairs if name.lower() not in drop]
+    lowered = _lowered(items)
+    drop = _drop(lowered, extra_drop)
+    return [(name, value) for low, name, value in lowered if low not in drop]
+
+
+def relayed_headers(items: Iterable[tuple[str, str]], via: str) -> tuple[Headers, str]:
+    """A response's end-to-end headers and its Via value with this proxy appended, in one pass."""
+    lowered = _lowered(items)
+    drop = _drop(lowered, frozenset())
+    kept = [(name, value) for low, name, value in lowered if low not in drop]
+    return kept, _via([value for low, _, value in lowered if low == "via"], via)
 
 
 def request_headers(
@@ -57,10 +76,22 @@ def request_headers(
     request_id: str,
 ) -> Headers:
     """Headers to send upstream: end-to-end ones plus X-Forwarded-*, Via and the request id."""
-    headers = end_to_end(items, REQUEST_REPLACED)
-    names = {name.lower() for name, _ in headers}
-    forwarded_for = [value for name, value in headers if name.lower() == "x-forwarded-for"]
-    headers = [(name, value) for name, value in headers if name.lower() not in ("x-forwarded-for", "via")]
+    lowered = _lowered(items)
+    drop = _drop(lowered, REQUEST_REPLACED)
+    headers: Headers = []
+    names: set[str] = set()
+    forwarded_for: list[str] = []
+    earlier_via: list[str] = []
+    for low, name, value in lowered:
+        if low == "via":
+            earlier_via.append(value)  # whatever Connection says: earlier hops are always named
+        if low in drop:
+            continue
+        names.add(low)
+        if low == "x-forwarded-for":
+            forwarded_for.append(value)
+        elif low != "via":
+            headers.append((name, value))
     headers.append(
         ("X-Forwarded-For", ", ".join([*forwarded_for, client_ip]) if client_ip else ", ".join(forwarded_for))
     )
@@ -69,7 +100,7 @@ def request_headers(
         headers.append(("X-Forwarded-Proto", scheme))
     if "x-forwarded-host" not in names and host:
         headers.append(("X-Forwarded-Host", host))
-    headers.append(("Via", append_via(items, via)))
+    headers.append(("Via", _via(earlier_via, via)))
     if request_id_header.lower() not in names:
         headers.append((request_id_header, request_id))
     return headers
@@ -77,5 +108,8 @@ def request_headers(
 
 def append_via(items: Iterable[tuple[str, str]], via: str, version: str = "1.1") -> str:
     """The Via value with this proxy appended to what earlier hops wrote."""
-    earlier = [value for name, value in items if name.lower() == "via"]
+    return _via([value for name, value in items if name.lower() == "via"], via, version)
+
+
+def _via(earlier: list[str], via: str, version: str = "1.1") -> str:
     return ", ".join([*earlier, f"{version} {via}"])

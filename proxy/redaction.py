@@ -34,6 +34,7 @@ ALWAYS_REDACTED_HEADERS = frozenset(
 HEADER_WORDS = ("auth", "token", "secret", "key")
 INFLATED_CAP = 16 * 1024 * 1024  # a compressed body is checked up to this size inflated; beyond, withheld
 _WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+_HEADER_NAMES_MAX = 4096
 
 
 class Redactor:
@@ -45,10 +46,22 @@ class Redactor:
         self._paths = tuple(tuple(p.split(".")) for p in config.redact_json_paths)
         self._names = SecretNames(config.redact_keys)
         self._marker = config.redact_marker
+        self._header_names: dict[str, tuple[str, bool]] = {}  # name as sent -> (lowercased, secret)
 
     def headers(self, items: list[tuple[str, str]]) -> list[list[str]]:
         """Every header kept with its name; a secret one's value replaced by the marker."""
-        return [[name.lower(), self._marker if self._secret_header(name.lower()) else value] for name, value in items]
+        out = []
+        for name, value in items:
+            # The same few names come with every record: decide each once (clients choose names, so bounded).
+            known = self._header_names.get(name)
+            if known is None:
+                lower = name.lower()
+                known = (lower, self._secret_header(lower))
+                if len(self._header_names) >= _HEADER_NAMES_MAX:
+                    self._header_names.clear()
+                self._header_names[name] = known
+            out.append([known[0], self._marker if known[1] else value])
+        return out
 
     def _secret_header(self, name: str) -> bool:
         if name in self._headers:

@@ -80,6 +80,9 @@ class ShadowDispatcher:
         self._metrics = metrics
         self._cap = capture_cap
         self._flights: dict[asyncio.Task[None], _Flight] = {}
+        # asyncio.get_running_loop() (and so asyncio.create_task) calls getpid() on Python 3.11: a system call
+        # per use, twice per mirror. The dispatcher lives on one loop: look it up once.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._breaker = (
             Breaker(config.breaker_failures, config.breaker_cooldown, config.breaker_max_cooldown)
             if config.breaker_failures
@@ -94,6 +97,7 @@ class ShadowDispatcher:
         self._gauge = metrics.mirrors_in_flight.labels(target)
         self._state_gauge = metrics.mirror_breaker_state.labels(target)
         self._state_gauge.set(0)
+        self._state_value = 0  # what the gauge holds: set() takes a lock, so only on a change
         self._slow_gauge = metrics.mirror_slow_after.labels(target)
         self._slow_gauge.set(self._slow.value if self._slow is not None else 0)
         self._warned_unpriced = False
@@ -116,7 +120,7 @@ class ShadowDispatcher:
         # Last: allow() may hand out the breaker's one probe, which must then really be sent.
         if self._breaker is not None:
             allowed = self._breaker.allow(now())
-            self._state_gauge.set(STATE_VALUES[self._breaker.state])
+            self._show_state(self._breaker)
             if not allowed:
                 return "target_down"
         return None
@@ -126,7 +130,7 @@ class ShadowDispatcher:
         when this target does not want it, its set is full, it refuses connections or its budget is spent."""
         reason = self.skip_reason(exchange)
         if reason is not None:
-            self._metrics.mirrors_skipped.labels(self.target, reason).inc()
+            self._metrics.child(self._metrics.mirrors_skipped, self.target, reason).inc()
             if self.role == "shadow":
                 exchange.shadow_skipped[self.upstream.name] = reason
             return None
@@ -136,14 +140,17 @@ class ShadowDispatcher:
         exchange.expect_arm()
         headers = [*headers, (self._config.marker_header, self._config.marker_value)]
         flight = _Flight(arm)
-        task = flight.task = asyncio.create_task(self._mirror(exchange, flight, raw_path_qs, headers))
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = flight.task = loop.create_task(self._mirror(exchange, flight, raw_path_qs, headers))
         self._flights[task] = flight
         task.add_done_callback(self._forget)
         if self._breaker is not None and self._slow is not None:
             # A probe waits the whole slow_after: the target's latency may have changed while it was ejected.
             after = self._slow_after if self._breaker.probing else self._slow.value
-            flight.timer = asyncio.get_running_loop().call_later(after, self._on_slow, flight)
-        self._metrics.mirrors_sent.labels(self.target).inc()
+            flight.timer = loop.call_later(after, self._on_slow, flight)
+        self._metrics.child(self._metrics.mirrors_sent, self.target).inc()
         self._gauge.inc()
         return arm
 
@@ -176,7 +183,8 @@ class ShadowDispatcher:
             raise
         finally:
             if arm.end is not None and arm.error is None:
-                self._metrics.upstream_latency.labels(self.upstream.name, arm.role).observe(arm.end - arm.start)
+                latency = self._metrics.child(self._metrics.upstream_latency, self.upstream.name, arm.role)
+                latency.observe(arm.end - arm.start)
             self._gauge.dec()
             exchange.arm_done()
 
@@ -225,10 +233,16 @@ class ShadowDispatcher:
             return None
         flight.judged = True
         change = self._breaker.record(error, now())
-        self._state_gauge.set(STATE_VALUES[self._breaker.state])
+        self._show_state(self._breaker)
         if change is not None:
             self._on_change(change)
         return change
+
+    def _show_state(self, breaker: Breaker) -> None:
+        value = STATE_VALUES[breaker.state]
+        if value != self._state_value:
+            self._state_gauge.set(value)
+            self._state_value = value
 
     def _on_change(self, change: Change) -> None:
         assert self._breaker is not None

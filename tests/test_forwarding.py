@@ -132,6 +132,27 @@ async def test_responses_stream_chunk_by_chunk(upstreams, proxies) -> None:
     assert rest == b"data: two\n\ndata: [DONE]\n\n"
 
 
+async def test_response_head_reaches_the_client_before_the_first_chunk_exists(upstreams, proxies) -> None:
+    """The status and headers are relayed as they arrive, not held until the body starts."""
+    client_got_head = asyncio.Event()
+
+    async def slow_body(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.wait_for(client_got_head.wait(), 10)
+        await resp.write(b"data: one\n\n")
+        return resp
+
+    incumbent = await upstreams(slow_body)
+    proxy = await proxies(incumbent={"url": incumbent.url}, record={"enabled": False})
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"http://127.0.0.1:{proxy.port}/v1/chat/completions", data=b"{}") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            client_got_head.set()
+            assert await resp.content.read() == b"data: one\n\n"
+
+
 async def test_hop_by_hop_headers_are_stripped_both_ways(upstreams, proxies) -> None:
     """Headers named in Connection and the hop-by-hop set neither reach the incumbent nor come back."""
 
