@@ -230,7 +230,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedded = EmbeddedRedis(data_dir)
         config = _with(config, "record", redis_url=embedded.start())
     try:
-        if config.proxy.workers > 1:
+        # Process isolation runs even one worker as a spawned process: its metrics and its shadow process's
+        # must be written to the multiprocess directory from their first import of prometheus_client.
+        if config.proxy.workers > 1 or config.shadow.isolation == "process":
             return _run_workers(_pin_free_ports(config))
         uvloop.run(serve_until_signal(config))
         return EXIT_OK

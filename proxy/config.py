@@ -256,6 +256,12 @@ class ShadowConfig(_Section):
     marker_header: str = "x-shadow-request"
     marker_value: str = "1"
     drain_timeout: Seconds = 10.0
+    # "process": mirrors, their reads and recording run in a shadow process of their own, fed over a Unix socket
+    # (docs/live-path.md, "Isolation"); "inline": on the serving process's event loop.
+    isolation: Literal["inline", "process"] = "inline"
+    isolation_buffer_bytes: ByteSize = 64 * 1024**2  # unsent bytes to the shadow process; over it: dropped, counted
+    isolation_max_pending: int = Field(default=10_000, ge=1)  # requests the shadow process holds awaiting their end
+    isolation_pending_timeout: PositiveSeconds = 900.0  # a request whose live end never came is forgotten after this
 
     @field_validator("methods")
     @classmethod

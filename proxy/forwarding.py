@@ -73,6 +73,12 @@ class WeightSource(Protocol):
     weight: float
 
 
+class MirrorLink(Protocol):
+    """Where a request goes for its mirrors and record when they run in a shadow process (``isolation/link.py``)."""
+
+    def request(self, exchange: Exchange, raw_target: str, headers: list[tuple[str, str]]) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class CanaryRouting:
     """Sticky, weighted choice of the serving arm (the weight is kept current by a watcher)."""
@@ -106,6 +112,8 @@ class Forwarder:
     record_cap: int
     # While feedback is on, every answer carries the token that lets its receiver send feedback for it.
     feedback_tokens: tokens.FeedbackTokens | None = None
+    # shadow.isolation = "process": mirrors and records are the shadow process's; this hands requests over.
+    link: MirrorLink | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The single route of the main listener: every method, every path."""
@@ -222,6 +230,9 @@ class Forwarder:
         mirrors: tuple[ShadowDispatcher, ...],
     ) -> None:
         """Start every mirror this request is due (each target decides, counts and notes its skips)."""
+        if self.link is not None:
+            self.link.request(exchange, raw_target, headers)
+            return
         for mirror in mirrors:
             arm = mirror.dispatch(exchange, raw_target, headers)
             if arm is not None:

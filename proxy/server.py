@@ -101,11 +101,21 @@ async def _shadow_ctx(app: web.Application) -> AsyncIterator[None]:
         await dispatcher.drain(runtime.config.shadow.drain_timeout)
 
 
+async def _link_ctx(app: web.Application) -> AsyncIterator[None]:
+    """In process mode, the shadow process: started last, and first asked to drain and flush at shutdown."""
+    link = app[RUNTIME].link
+    if link is not None:
+        await link.start()
+    yield
+    if link is not None:
+        await link.close()
+
+
 def main_app(runtime: Runtime, guard: Guard) -> web.Application:
     # The body is read by the forwarder with its own limit; aiohttp's own cap must not interfere.
     app = web.Application(client_max_size=runtime.config.limits.max_body_bytes + 1)
     app[RUNTIME] = runtime
-    app.cleanup_ctx.extend([_redis_ctx, _sessions_ctx, _canary_ctx, _recorder_ctx, _spend_ctx, _shadow_ctx])
+    app.cleanup_ctx.extend([_redis_ctx, _sessions_ctx, _canary_ctx, _recorder_ctx, _spend_ctx, _shadow_ctx, _link_ctx])
     forwarder = runtime.forwarder
     if runtime.canary is not None and feedback_enabled(runtime.config):
         app.router.add_post(runtime.config.canary.feedback_path, Feedback(runtime).handle)

@@ -11,6 +11,7 @@ from .canary.weights import WeightWatcher
 from .comparator.offload import ReportBuilder
 from .config import CandidateConfig, Config, ConfigError, canary_candidate
 from .forwarding import CanaryRouting, Forwarder, ServingArm
+from .isolation.link import ShadowLink, Targets
 from .metrics import Metrics
 from .recorder import Recorder
 from .redis import CanaryStore, Clients, Keys, RecordWriter
@@ -52,6 +53,7 @@ class Runtime:
     upstreams: list[Upstream] = field(default_factory=list)
     # Reports and canary evidence are built in a child process, never on this event loop.
     reports: ReportBuilder = field(default_factory=lambda: ReportBuilder(offload=True))
+    link: ShadowLink | None = None  # with shadow.isolation = "process": the shadow process and its socket
 
     def dispatchers(self) -> list[ShadowDispatcher]:
         reverse = self.canary.reverse if self.canary is not None else None
@@ -66,6 +68,8 @@ class Runtime:
         cap = record.max_body_bytes if record.enabled else 0  # nothing is captured when nothing is recorded
         keys = Keys(record.namespace, record.stream)
         clients = writer = recorder = canary = None
+        # In process mode this process only serves: mirrors and the recorder live in its shadow process.
+        isolated = config.shadow.isolation == "process"
         if record.enabled:
             clients = Clients(record.redis_url, socket_timeout=record.socket_timeout)
             writer = RecordWriter(
@@ -75,14 +79,17 @@ class Runtime:
                 # Who served each request is kept (one key per request) only while feedback can use it.
                 served_ttl=config.canary.feedback_ttl if feedback_enabled(config) else 0,
             )
-            recorder = Recorder(writer, record, metrics, health=supervisor.health("recorder"))
+            if not isolated:
+                recorder = Recorder(writer, record, metrics, health=supervisor.health("recorder"))
             reports = ReportBuilder(offload=True)
             canary = _canary(config, clients, keys, metrics, cap, reports, supervisor)
+            if isolated:
+                canary.reverse = None
         elif config.canary.enabled:
             raise ConfigError("canary.enabled = true needs Redis: set record.enabled = true (the weight lives there)")
-        shadows = tuple(_candidate_mirror(config, c, metrics, cap) for c in config.candidate)
+        shadows = () if isolated else tuple(_candidate_mirror(config, c, metrics, cap) for c in config.candidate)
         noise = None
-        if config.compare.noise_sample_rate > 0 and record.enabled:
+        if config.compare.noise_sample_rate > 0 and record.enabled and not isolated:
             rate = config.compare.noise_sample_rate
             noise = _incumbent_mirror(config, metrics, cap, target="incumbent_noise", role="noise", sample_rate=rate)
         routing = candidate_live = None
@@ -92,6 +99,9 @@ class Runtime:
             others = tuple(s for s in shadows if s.upstream.name != canary.live_candidate.name)
             reverse = (canary.reverse,) if canary.reverse is not None else ()
             candidate_live = ServingArm(canary.live_candidate, reverse + others)
+        link = None
+        if isolated:
+            link = ShadowLink(config, metrics, mirror_targets(config), supervisor.health("shadow-process"))
         forwarder = Forwarder(
             incumbent=ServingArm(incumbent, shadows),
             candidate_live=candidate_live,
@@ -105,12 +115,15 @@ class Runtime:
             max_body_bytes=config.limits.max_body_bytes,
             record_cap=cap,
             feedback_tokens=_feedback_tokens(config),
+            link=link,
         )
-        candidates = [s.upstream for s in shadows]
+        # In process mode these serve /readyz's probes only; the mirrors' own pools are the shadow process's.
+        candidates = [Upstream(c.name, c) for c in config.candidate] if isolated else [s.upstream for s in shadows]
         runtime = cls(
             config, metrics, incumbent, candidates, clients, writer, recorder, shadows, noise, canary, forwarder
         )
         runtime.supervisor = supervisor
+        runtime.link = link
         ledgers = {s.upstream.name: s.ledger for s in shadows if s.ledger is not None}
         if writer is not None and ledgers:
             runtime.spend = SpendSync(writer, ledgers, health=supervisor.health("spend-sync"))
@@ -176,6 +189,27 @@ def _canary(
             config, metrics, cap, target="incumbent", role="shadow", sample_rate=rate, routes=candidate.routes
         )
     return Canary(store, controller, weights, live_candidate, reverse)
+
+
+def mirror_targets(config: Config) -> Targets:
+    """The mirror targets of each serving upstream with their pure sampling policies: what a request would
+    have been mirrored to, counted as skipped (``shadow_down``) when the shadow process cannot take it."""
+    candidates = [(c.name, _policy(config, routes=c.routes, sample_rate=_rate(config, c))) for c in config.candidate]
+    noise = []
+    if config.compare.noise_sample_rate > 0 and config.record.enabled:
+        noise = [("incumbent_noise", _policy(config, sample_rate=config.compare.noise_sample_rate))]
+    targets = {"incumbent": (*candidates, *noise)}
+    live = canary_candidate(config)
+    if config.canary.enabled and config.record.enabled and live is not None:
+        reverse = []
+        if config.canary.reverse_shadow:
+            reverse = [("incumbent", _policy(config, routes=live.routes, sample_rate=_rate(config, live)))]
+        targets[live.name] = (*reverse, *(c for c in candidates if c[0] != live.name), *noise)
+    return targets
+
+
+def _rate(config: Config, candidate: CandidateConfig) -> float:
+    return candidate.sample_rate if candidate.sample_rate is not None else config.shadow.sample_rate
 
 
 def _policy(config: Config, *, routes: tuple[str, ...] | None = None, sample_rate: float) -> MirrorPolicy:

@@ -33,7 +33,7 @@ class ReportBuilder:
             return build(*args, **kwargs)
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent
             )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(build, *args, **kwargs))
@@ -47,9 +47,9 @@ class ReportBuilder:
 INLINE = ReportBuilder(offload=False)
 
 
-def _die_with_parent() -> None:
-    """In the child: end when the serving process ends, even by SIGKILL (Linux PR_SET_PDEATHSIG), rather
-    than linger as an orphan holding a few hundred MB."""
+def die_with_parent() -> None:
+    """In a child process (the report builder, the shadow process): end when the serving process ends, even by
+    SIGKILL (Linux PR_SET_PDEATHSIG), rather than linger as an orphan holding a few hundred MB."""
     if sys.platform != "linux":
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
