@@ -5,12 +5,15 @@ Run from the repository root (the proxy is this checkout's ``proxy`` package, ru
     .venv/bin/python bench/profile_live_path.py                      # 3 x 10 s windows: CPU us per request
     .venv/bin/python bench/profile_live_path.py --profile 20         # then py-spy record 20 s, top functions
     .venv/bin/python bench/profile_live_path.py --no-record          # mirroring on, recording off
+    .venv/bin/python bench/profile_live_path.py --isolation both     # shadow.isolation inline, then process
 
 It starts a redis-server, two fast upstreams (``bench/live_path.py _upstream --mode fast``: incumbent and
 candidate) and one ``serve`` process (one worker, mirroring at the default sample rate 1.0, recording on),
 pins the proxy to the first core and everything else to the last, saturates it with ``wrk`` (32 keep-alive
 connections, the same 98-byte POST as ``bench/live_path.py``) and reads the proxy's CPU time
 (``/proc/<pid>/stat``, user + system) over each window: CPU us per request = CPU time / requests answered.
+With ``shadow.isolation = "process"`` the serving process is ``serve``'s spawned worker and the shadow process
+the worker's child (both inherit the pin): their CPU is read apart, "serving" and "shadow" per request.
 Figures and the profile: ``docs/performance.md``, "Profile of the live path".
 """
 
@@ -63,6 +66,32 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
+def tree(pid: int) -> list[tuple[int, int]]:
+    """The process and its descendants, each with its depth (0: the process itself)."""
+    found, todo = [], [(pid, 0)]
+    while todo:
+        current, depth = todo.pop()
+        found.append((current, depth))
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            todo += [(int(child), depth + 1) for child in children]
+    return found
+
+
+def split_cpu(pid: int) -> tuple[float, float, float]:
+    """User and system CPU of ``serve`` and its worker (depth 0-1), and all CPU of deeper processes (the shadow
+    process of process isolation)."""
+    user = system = deeper = 0.0
+    for current, depth in tree(pid):
+        with contextlib.suppress(OSError):
+            u, s = cpu_seconds(current)
+            if depth <= 1:
+                user, system = user + u, system + s
+            else:
+                deeper += u + s
+    return user, system, deeper
+
+
 def pinned(cores: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", cores, *argv]
 
@@ -107,6 +136,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--no-record", action="store_true", help="recording off (mirroring stays on)")
     parser.add_argument("--no-mirror", action="store_true", help="no candidate")
+    parser.add_argument(
+        "--isolation",
+        choices=["inline", "process", "both"],
+        default="inline",
+        help="shadow.isolation of this checkout's proxy; both: measure it in each mode",
+    )
     parser.add_argument(
         "--compare",
         action="append",
@@ -161,12 +196,18 @@ def main() -> None:
                 wait_for_port(upstream_port)
                 urls[name] = f"http://{HOST}:{upstream_port}"
             wait_for_port(redis_port)
-            config = workdir / "proxy.toml"
             record = "false" if args.no_record else "true"
-            config.write_text(f'[proxy]\nlog_level = "warning"\n\n[record]\nenabled = {record}\n')
+            modes = ["inline", "process"] if args.isolation == "both" else [args.isolation]
+            configs = {}
+            for mode in modes:
+                configs[mode] = workdir / f"proxy-{mode}.toml"
+                text = f'[proxy]\nlog_level = "warning"\n\n[record]\nenabled = {record}\n'
+                configs[mode].write_text(text + f'\n[shadow]\nisolation = "{mode}"\n')
             # Every process is started first and idles while another is measured (all on the same core).
             measured: list[tuple[str, subprocess.Popen[bytes], int]] = []
-            for label, code in [("this checkout", ROOT)] + [(str(d), Path(d).resolve()) for d in args.compare]:
+            checkouts = [(f"this checkout ({mode})", ROOT, configs[mode]) for mode in modes]
+            checkouts += [(str(d), Path(d).resolve(), configs[modes[0]]) for d in args.compare]
+            for label, code, config in checkouts:
                 port, admin = free_port(), free_port()
                 argv = [python, "-m", "proxy", "serve", "--config", str(config), "--listen", f"{HOST}:{port}"]
                 argv += ["--admin-listen", f"{HOST}:{admin}", "--incumbent", urls["incumbent"]]
@@ -181,24 +222,32 @@ def main() -> None:
                 wait_for_port(port)
                 wrk(port, 3, args.connections, workdir, aux)  # warm-up
             results: dict[str, list[float]] = {label: [] for label, _, _ in measured}
+            shadows: dict[str, list[float]] = {label: [] for label, _, _ in measured}
             for window in range(args.windows):
                 for label, proc, port in measured[window % len(measured) :] + measured[: window % len(measured)]:
-                    user, system = cpu_seconds(proc.pid)
+                    user, system, shadow = split_cpu(proc.pid)
                     requests = wrk(port, args.seconds, args.connections, workdir, aux)
-                    user_after, system_after = cpu_seconds(proc.pid)
+                    user_after, system_after, shadow_after = split_cpu(proc.pid)
                     per_request = (user_after - user + system_after - system) / requests * 1e6
                     system_share = (system_after - system) / requests * 1e6
+                    shadow_share = (shadow_after - shadow) / requests * 1e6
                     results[label].append(per_request)
+                    shadows[label].append(shadow_share)
                     rate = requests / args.seconds
                     print(
-                        f"{label}: {rate:6.0f} req/s {per_request:6.1f} us CPU/request ({system_share:.0f} system)",
+                        f"{label}: {rate:6.0f} req/s {per_request:6.1f} us CPU/request serving "
+                        f"({system_share:.0f} system), {shadow_share:6.1f} us in a shadow process",
                         flush=True,
                     )
             first = statistics.median(results[measured[0][0]])
             for label, values in results.items():
                 median = statistics.median(values)
                 spread = ", ".join(f"{v:.0f}" for v in values)
-                print(f"median {median:6.1f} us CPU/request ({median / first:.3f}x the first)  [{spread}]  {label}")
+                shadow = statistics.median(shadows[label])
+                print(
+                    f"median {median:6.1f} us CPU/request serving ({median / first:.3f}x the first), "
+                    f"{shadow:6.1f} in a shadow process  [{spread}]  {label}"
+                )
             if args.profile:
                 profile(measured[0][1].pid, measured[0][2], args, workdir, aux, python)
         finally:
