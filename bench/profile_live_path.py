@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +108,15 @@ def wrk(port: int, seconds: float, connections: int, workdir: Path, aux: str) ->
     match = re.search(r"(\d+) requests in", out)
     assert match, out
     return int(match.group(1))
+
+
+def dropped(admin: int) -> str:
+    """The proxy's counters of mirrors skipped and records dropped, as one line."""
+    with urllib.request.urlopen(f"http://{HOST}:{admin}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    wanted = ("shadow_proxy_mirrors_sent_total", "shadow_proxy_mirrors_skipped_total", "shadow_proxy_records_dropped_")
+    lines = [line for line in text.splitlines() if line.startswith(wanted)]
+    return "; ".join(lines) or "nothing sent, skipped or dropped"
 
 
 def top_functions(raw: Path, count: int) -> str:
@@ -205,6 +215,7 @@ def main() -> None:
                 configs[mode].write_text(text + f'\n[shadow]\nisolation = "{mode}"\n')
             # Every process is started first and idles while another is measured (all on the same core).
             measured: list[tuple[str, subprocess.Popen[bytes], int]] = []
+            admins: dict[str, int] = {}
             checkouts = [(f"this checkout ({mode})", ROOT, configs[mode]) for mode in modes]
             checkouts += [(str(d), Path(d).resolve(), configs[modes[0]]) for d in args.compare]
             for label, code, config in checkouts:
@@ -215,11 +226,17 @@ def main() -> None:
                 if not args.no_mirror:
                     argv += ["--candidate", urls["candidate"]]
                 measured.append((label, spawn(argv, main_core, code), port))
+                admins[label] = admin
             for command in args.instead:
                 port = free_port()
                 measured.append((command, spawn([python, *command.format(port=port, **urls).split()], main_core), port))
-            for _, _, port in measured:
+            for _, proc, port in measured:
                 wait_for_port(port)
+                # A shadow process runs on the other core, as it would on a core of its own in production: on
+                # the serving core the scheduler would split the core between them, whatever each needs.
+                for pid, depth in tree(proc.pid):
+                    if depth >= 2:
+                        subprocess.run(["taskset", "-pc", aux, str(pid)], check=True, capture_output=True)
                 wrk(port, 3, args.connections, workdir, aux)  # warm-up
             results: dict[str, list[float]] = {label: [] for label, _, _ in measured}
             shadows: dict[str, list[float]] = {label: [] for label, _, _ in measured}
@@ -248,6 +265,8 @@ def main() -> None:
                     f"median {median:6.1f} us CPU/request serving ({median / first:.3f}x the first), "
                     f"{shadow:6.1f} in a shadow process  [{spread}]  {label}"
                 )
+            for label, admin in admins.items():
+                print(f"{label}: {dropped(admin)}")
             if args.profile:
                 profile(measured[0][1].pid, measured[0][2], args, workdir, aux, python)
         finally:
