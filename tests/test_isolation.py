@@ -16,10 +16,12 @@ import orjson
 import redis
 
 from proxy.exchange import ArmCapture, Exchange
+from proxy.isolation.child import ShadowSide
 from proxy.isolation.frames import PREFIX, done_frame, exchange_of, fill_live, request_frame
 from proxy.tools.embedded_redis import free_port
+from proxy.wiring import Runtime
 
-from .conftest import echo, eventually, records
+from .conftest import echo, eventually, make_config, records
 
 
 def _split(pieces: list[bytes]) -> tuple[dict[str, object], bytes]:
@@ -47,6 +49,38 @@ def test_frames_carry_the_request_and_the_live_arm_unchanged() -> None:
     assert got.live is not None
     assert got.live.summary(got.received) == sent.live.summary(sent.received)
     assert got.live.body == sent.live.body
+
+
+async def test_the_shadow_process_bounds_and_forgets_requests_whose_live_end_never_comes(redis_url) -> None:
+    """Over isolation_max_pending a request's record is dropped (pending_full); a request without its DONE is
+    forgotten after isolation_pending_timeout (live_lost); one whose DONE comes is recorded."""
+    config = make_config(
+        incumbent={"url": "http://127.0.0.1:9"},
+        record={"redis_url": redis_url, "linger": 0.0},
+        shadow={"isolation_max_pending": 2, "isolation_pending_timeout": 0.2},
+    )
+    runtime = Runtime.build(config)
+    side = ShadowSide(runtime, config)
+    await side.start()
+    sent: list[Exchange] = []
+    live = ArmCapture("incumbent", "live", 1024)
+    try:
+        for index in range(3):
+            exchange = Exchange(f"r{index}", "POST", "/v1/x", "", "other", [], "", 1.0, 2.0, body=b"{}")
+            exchange.live = live if index == 0 else ArmCapture("incumbent", "live", 1024)
+            side.on_request(*_split(request_frame(exchange, "/v1/x", [])))
+            sent.append(exchange)
+        metrics = runtime.metrics.registry
+        assert metrics.get_sample_value("shadow_proxy_records_dropped_total", {"reason": "pending_full"}) == 1
+        live.on_headers(200, [], 2.1)
+        live.finish(2.2)
+        side.on_done(*_split(done_frame(sent[0])))
+        await eventually(
+            lambda: metrics.get_sample_value("shadow_proxy_records_dropped_total", {"reason": "live_lost"}) == 1
+        )
+        await eventually(lambda: metrics.get_sample_value("shadow_proxy_records_written_total") == 1)
+    finally:
+        await side.close()
 
 
 def _serve(
