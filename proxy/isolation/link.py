@@ -123,9 +123,9 @@ class ShadowLink:
         log.info("shadow_process_connected", pid=self._process.pid if self._process else None)
 
     def lost(self, protocol: _Protocol) -> None:
-        if self._transport is not None and self._owner is protocol:
+        if self._owner is protocol:  # an older connection closing late changes nothing
             self._transport = None
-        self._connected.clear()
+            self._connected.clear()
 
     def _protocol(self) -> _Protocol:
         protocol = _Protocol(self)
