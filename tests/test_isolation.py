@@ -22,6 +22,7 @@ from proxy.tools.embedded_redis import free_port
 from proxy.wiring import Runtime
 
 from .conftest import echo, eventually, make_config, records
+from .models import openai_chat
 
 
 def _split(pieces: list[bytes]) -> tuple[dict[str, object], bytes]:
@@ -81,6 +82,43 @@ async def test_the_shadow_process_bounds_and_forgets_requests_whose_live_end_nev
         await eventually(lambda: metrics.get_sample_value("shadow_proxy_records_written_total") == 1)
     finally:
         await side.close()
+
+
+async def test_the_canary_candidate_serves_in_the_serving_process_and_the_incumbent_is_mirrored_back(
+    upstreams, proxies, redis_url, redis_client
+) -> None:
+    """In process mode (an in-process server spawning its shadow process) the canary's candidate answers users
+    from the serving process, and the shadow process mirrors the incumbent back and the other candidate."""
+    incumbent = await upstreams(openai_chat(["a"], served_model="gpt-4o-mini"))
+    vllm = await upstreams(openai_chat(["b"], served_model="llama-8b"))
+    mini = await upstreams(openai_chat(["c"], served_model="gpt-4.1-mini"))
+    stage = {"weight": 1.0, "min_duration": 3600, "min_pairs": 100_000}
+    proxy = await proxies(
+        incumbent={"url": incumbent.url},
+        candidate=[
+            {"name": "mini", "url": mini.url, "model": "gpt-4.1-mini"},
+            {"name": "vllm", "url": vllm.url, "model": "llama-8b"},
+        ],
+        record={"redis_url": redis_url},
+        shadow={"isolation": "process"},
+        canary={"enabled": True, "candidate": "vllm", "stage": [stage], "weight_poll_interval": 0.1},
+    )
+    assert proxy.runtime.link is not None and proxy.runtime.link.up
+    assert proxy.runtime.canary is not None and proxy.runtime.canary.weights is not None
+    await eventually(lambda: proxy.runtime.canary.weights.weight == 1.0)  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as client:
+        body = {"model": "gpt-4o-mini", "messages": []}
+        async with client.post(f"http://127.0.0.1:{proxy.port}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["choices"][0]["message"]["content"] == "b"
+    await eventually(lambda: redis_client.xlen("{shadow}:records") == 1)
+    (record,) = records(redis_client)
+    arms = record["meta"]["arms"]
+    assert record["meta"]["served_by"] == "vllm"
+    assert (arms["live"]["upstream"], arms["live"]["model"], arms["live"]["status"]) == ("vllm", "llama-8b", 200)
+    assert arms["shadow.incumbent"]["status"] == 200 and arms["shadow.mini"]["status"] == 200
+    assert "shadow.vllm" not in arms
+    assert len(vllm.requests) == 1 and len(incumbent.requests) == 1 and len(mini.requests) == 1
 
 
 def _serve(
