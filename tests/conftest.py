@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -134,6 +138,21 @@ async def eventually(predicate: Callable[[], bool], *, within: float = 10.0) -> 
         # Polling on purpose: the conditions are facts in other components (counters, streams).
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+def wait_healthy(admin_port: int, process: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    """Wait (30 s at most) until a `serve` process answers /healthz on its admin port; fail at once if it exits."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"serve exited with {process.returncode}: {log.read_text() if log else ''}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=1) as answer:
+                answer.read()
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"serve on admin port {admin_port} did not become healthy: {log.read_text() if log else ''}")
 
 
 def records(client: redis.Redis, key: str = "{shadow}:records") -> list[dict[str, Any]]:

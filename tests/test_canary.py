@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from proxy.comparator.report_loader import load_report
 from proxy.comparator.worker import Worker
 from proxy.tools.embedded_redis import free_port
 
-from .conftest import echo, eventually, make_config
+from .conftest import echo, eventually, make_config, wait_healthy
 
 FAST = {"window_seconds": 1, "gates": {"min_pairs": 15, "error_rate_increase_pp": 25.0}}
 
@@ -351,15 +350,8 @@ def replicas(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
                 stderr=subprocess.STDOUT,
             )
         started.append(process)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=1) as answer:
-                    answer.read()
-                return process, port, admin
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("replica did not start")
+        wait_healthy(admin, process)
+        return process, port, admin
 
     yield start
     for process in started:

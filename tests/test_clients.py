@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.tools.embedded_redis import free_port
 
-from .conftest import echo, eventually
+from .conftest import echo, eventually, wait_healthy
 
 SLOW = {"header_timeout": 2.0, "body_timeout": 2.0, "body_min_rate": 1024}
 
@@ -59,15 +59,8 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Serve]]:
             )
         server = Serve(process, port, admin, log)
         started.append(server)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=1):
-                    return server
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"serve did not become healthy: {log.read_text()}")
+        wait_healthy(admin, process, log)
+        return server
 
     yield start
     for server in started:

@@ -20,7 +20,7 @@ import redis
 from proxy.server import ProxyServer
 from proxy.tools.embedded_redis import EmbeddedRedis, free_port
 
-from .conftest import echo, eventually, make_config, records
+from .conftest import echo, eventually, make_config, records, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -88,17 +88,8 @@ def _metric(admin_port: int, name: str) -> float:
 def _serve(tmp_path: Path, redis_url: str, incumbent: str, admin_port: int, port: int) -> subprocess.Popen[bytes]:
     with (tmp_path / f"serve-{time.monotonic_ns()}.log").open("wb") as log:
         process = _popen(redis_url, incumbent, admin_port, port, tmp_path, log)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert process.poll() is None
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=1) as answer:
-                answer.read()
-            return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError("serve did not become healthy")
+    wait_healthy(admin_port, process)
+    return process
 
 
 def _popen(

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -17,7 +16,7 @@ import redis
 from proxy.comparator.report_loader import load_report
 from proxy.tools.embedded_redis import free_port
 
-from .conftest import echo, eventually, make_config
+from .conftest import echo, eventually, make_config, wait_healthy
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -34,15 +33,7 @@ def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def _healthy(admin: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=1) as answer:
-                answer.read()
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"proxy on admin port {admin} did not start")
+    wait_healthy(admin)
 
 
 async def test_records_and_totals_stay_exact_through_restarts(upstreams, redis_url, tmp_path: Path) -> None:

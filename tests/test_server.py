@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from aiohttp import web
 
 from proxy.tools.embedded_redis import free_port
 
-from .conftest import echo, eventually
+from .conftest import echo, eventually, wait_healthy
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -46,16 +44,8 @@ def serve(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
             stderr=subprocess.STDOUT,
         )
         started.append(process)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=1) as answer:
-                    answer.read()
-                return process
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"serve did not become healthy: {log_path.read_text()}")
+        wait_healthy(admin_port, process, log_path)
+        return process
 
     yield start
     for process in started:
