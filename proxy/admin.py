@@ -153,12 +153,13 @@ def _withhold(gates: list[dict[str, Any]]) -> None:
 def _may_read_records(request: web.Request) -> bool | None:
     """May this request see recorded content? True, False (no token sent: withhold it) or None (a wrong one)."""
     admin = request.app[RUNTIME].config.admin
-    if not admin.token:
+    expected = admin.token.get_secret_value()
+    if not expected:
         return on_loopback(admin.listen)
     given = request.headers.get("Authorization")
     if given is None:
         return False
-    return _token_matches(given, admin.token) or None
+    return _token_matches(given, expected) or None
 
 
 def _token_matches(header: str, expected: str) -> bool:
@@ -169,7 +170,7 @@ def _token_matches(header: str, expected: str) -> bool:
 
 def _authorised(request: web.Request) -> web.Response | None:
     """Bearer-token check for mutations: 401 without a token, 403 with a wrong one (or none configured)."""
-    expected = request.app[RUNTIME].config.admin.token
+    expected = request.app[RUNTIME].config.admin.token.get_secret_value()
     given = request.headers.get("Authorization", "")
     if not expected:
         return _json({"error": {"message": "mutations are disabled: set admin.token", "type": "forbidden"}}, 403)

@@ -91,7 +91,7 @@ class ProxyConfig(_Section):
 class AdminConfig(_Section):
     listen: Listen = "127.0.0.1:9901"
     # Needed for mutations and for recorded content (report examples); required off loopback.
-    token: str = ""
+    token: SecretStr = SecretStr("")
     health_check_timeout: PositiveSeconds = 1.0
     report_cache_seconds: Seconds = 5.0
 
@@ -440,7 +440,7 @@ class CanaryConfig(_Section):
     reverse_shadow: bool = True
     feedback_path: str = "/_shadow/feedback"
     # Key of the per-request feedback tokens; every replica must share it (empty: random per process tree).
-    feedback_secret: str = ""
+    feedback_secret: SecretStr = SecretStr("")
     feedback_ttl: int = Field(default=86_400, ge=60)
     min_feedback: int = Field(default=30, ge=2)
     satisfaction_drop_max: float = Field(default=0.05, ge=0.0)
@@ -756,7 +756,7 @@ def on_loopback(listen: str) -> bool:
 def require_admin_token(config: Config) -> None:
     """An admin listener other hosts can reach serves recorded prompts and answers and moves the canary:
     it needs a token (serve and check-config refuse it otherwise)."""
-    if config.admin.token or on_loopback(config.admin.listen):
+    if config.admin.token.get_secret_value() or on_loopback(config.admin.listen):
         return
     raise ConfigError(
         f"missing config key admin.token: admin.listen = {config.admin.listen!r} is not a loopback address and "

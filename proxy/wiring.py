@@ -145,7 +145,7 @@ def _feedback_tokens(config: Config) -> FeedbackTokens | None:
     """`serve` draws a missing secret before spawning workers; an in-process server draws its own."""
     if not feedback_enabled(config):
         return None
-    return FeedbackTokens(with_feedback_secret(config).canary.feedback_secret)
+    return FeedbackTokens(with_feedback_secret(config).canary.feedback_secret.get_secret_value())
 
 
 def _supervisor(metrics: Metrics) -> Supervisor:

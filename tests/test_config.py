@@ -353,7 +353,9 @@ def test_secrets_come_from_the_environment_or_a_file_and_are_masked(tmp_path: Pa
         '[canary]\nfeedback_secret = "${FEEDBACK_SECRET}"\n[incumbent]\nurl = "http://a:1"\n'
     )
     config = load_config(_write(tmp_path, text), environ={"FEEDBACK_SECRET": "env-secret-456"})
-    assert (config.admin.token, config.canary.feedback_secret) == ("file-token-123", "env-secret-456")
+    secrets = (config.admin.token.get_secret_value(), config.canary.feedback_secret.get_secret_value())
+    assert secrets == ("file-token-123", "env-secret-456")
+    assert "file-token-123" not in repr(config) and "env-secret-456" not in repr(config)
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "check-config", str(_write(tmp_path, text))],
         capture_output=True,

@@ -211,7 +211,7 @@ def test_proxy_serves_only_with_the_admin_token_of_the_secret(tmp_path: Path) ->
     environ = _secret_env(_container("shadow-proxy"))
     config = _configmap_config(tmp_path, environ)
     require_admin_token(config)
-    assert config.admin.token == environ["SHADOW_PROXY_ADMIN_TOKEN"]
+    assert config.admin.token.get_secret_value() == environ["SHADOW_PROXY_ADMIN_TOKEN"]
     assert config.canary.feedback_secret == environ["SHADOW_PROXY_CANARY_FEEDBACK_SECRET"]
 
 
@@ -414,7 +414,7 @@ def test_compose_proxy_needs_the_admin_token(tmp_path: Path) -> None:
         _service_config("proxy", tmp_path)
     _, config = _service_config("proxy", tmp_path, {"SHADOW_PROXY_ADMIN_TOKEN": "t0ken"})
     require_admin_token(config)
-    assert config.admin.token == "t0ken"
+    assert config.admin.token.get_secret_value() == "t0ken"
 
 
 def test_compose_comparator_runs_compare_without_healthcheck(tmp_path: Path) -> None:

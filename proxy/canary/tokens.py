@@ -15,6 +15,7 @@ import hmac
 import secrets
 
 import structlog
+from pydantic import SecretStr
 
 from ..config import Config
 
@@ -54,12 +55,12 @@ def with_feedback_secret(config: Config) -> Config:
     A random secret is drawn once, before workers are spawned, so the workers of one `serve` share
     it; another replica (or a restart) draws another, and its tokens do not verify here.
     """
-    if config.canary.feedback_secret:
+    if config.canary.feedback_secret.get_secret_value():
         return config
     log.warning(
         "feedback_secret_random",
         message="canary.feedback_secret is not set: feedback tokens verify only in this process tree and "
         "until it restarts; set it (the same value on every replica) when running several replicas",
     )
-    canary = config.canary.model_copy(update={"feedback_secret": secrets.token_urlsafe(32)})
+    canary = config.canary.model_copy(update={"feedback_secret": SecretStr(secrets.token_urlsafe(32))})
     return config.model_copy(update={"canary": canary})
