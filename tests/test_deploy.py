@@ -212,7 +212,7 @@ def test_proxy_serves_only_with_the_admin_token_of_the_secret(tmp_path: Path) ->
     config = _configmap_config(tmp_path, environ)
     require_admin_token(config)
     assert config.admin.token.get_secret_value() == environ["SHADOW_PROXY_ADMIN_TOKEN"]
-    assert config.canary.feedback_secret == environ["SHADOW_PROXY_CANARY_FEEDBACK_SECRET"]
+    assert config.canary.feedback_secret.get_secret_value() == environ["SHADOW_PROXY_CANARY_FEEDBACK_SECRET"]
 
 
 def test_pods_disable_service_links() -> None:
