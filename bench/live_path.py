@@ -140,6 +140,8 @@ TARGET_CANDIDATES = {
 }
 NOISY_PCT = 10.0  # other processes using more than this share of a core make a latency row suspect
 MAX_IN_FLIGHT = 256  # the proxy's default [shadow] max_in_flight, which the benchmark keeps
+# Scenario 7's shadow-proxy subjects by [shadow] isolation: the kind names their runs (naive is "naive").
+SHADOW_KINDS = {"inline": "shadow", "process": "shadowproc"}
 
 
 @dataclass(frozen=True)
@@ -800,6 +802,7 @@ class Proxy:
     port: int
     admin_port: int
     workers: int
+    isolation: str = "inline"  # [shadow] isolation: "process" has a shadow process under each serving process
 
     def metrics(self) -> Metrics:
         status, body = http_get(self.admin_port, "/metrics")
@@ -808,7 +811,15 @@ class Proxy:
         return Metrics(body.decode())
 
     def idle(self) -> bool:
-        """/readyz of the worker that answers: no mirror running and nothing in the record queue."""
+        """/readyz of the worker that answers: no mirror running and nothing in the record queue.
+
+        In process mode /readyz reads 0 there (mirrors and recorder are in the shadow process): the metrics
+        (summed over the processes through the multiprocess dir) say instead, once every answered request's
+        record was written or dropped (any reason); drain() also waits for the counters to stop moving.
+        """
+        if self.isolation == "process":
+            a = self.metrics().accounting()
+            return a["records_written"] + sum(a["records_dropped"].values()) >= a["requests"]
         status, body = http_get(self.admin_port, "/readyz")
         ready = json.loads(body)
         return status == 200 and ready.get("mirrors_in_flight", 0) == 0 and ready.get("record_queue", 0) == 0
@@ -824,6 +835,33 @@ class Proxy:
                 times = p.cpu_times()
                 total += times.user + times.system
         return total
+
+    def shadow_processes(self) -> list[Any]:
+        """The shadow processes (process mode): the serving processes' children, not multiprocessing helpers."""
+        import psutil
+
+        found = []
+        with contextlib.suppress(psutil.Error):
+            for worker in psutil.Process(self.proc.pid).children():  # serve parent -> serving workers
+                with contextlib.suppress(psutil.Error):
+                    for child in worker.children():  # -> shadow process (or a multiprocessing helper)
+                        with contextlib.suppress(psutil.Error):
+                            if "resource_tracker" not in " ".join(child.cmdline()):
+                                found.append(child)
+        return found
+
+    def cpu_split(self) -> dict[str, float]:
+        """CPU seconds so far of the serving processes (the serve parent included) and of the shadow processes."""
+        import psutil
+
+        shadow = {p.pid for p in self.shadow_processes()}
+        split = {"serving": 0.0, "shadow": 0.0}
+        root = psutil.Process(self.proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                times = p.cpu_times()
+                split["shadow" if p.pid in shadow else "serving"] += times.user + times.system
+        return split
 
     def rss(self) -> int:
         import psutil
@@ -907,6 +945,7 @@ class Bench:
         self.refusing: socket.socket | None = None
         self.samples: dict[str, list[float]] = {}  # open-loop latencies (ms) by case, kept out of the JSON
         self.retries_left = settings.retries
+        self.isolations = ["inline"]  # scenario 7: the [shadow] isolation modes shadow-proxy runs in
 
     @staticmethod
     def _find_shadow_proxy() -> list[str]:
@@ -972,15 +1011,20 @@ class Bench:
         incumbent: str = "incumbent",
         extra_toml: str = "",
         env: dict[str, str] | None = None,
+        isolation: str = "inline",
     ) -> Proxy:
-        """A `shadow-proxy serve` process; extra_toml is appended to its config (scenario 6: shaping rules)."""
+        """A `shadow-proxy serve` process; extra_toml is appended to its config (scenario 6: shaping rules).
+
+        isolation "process": [shadow] isolation = "process"; the shadow processes (one per serving process) are
+        moved to the aux core when the proxy is pinned, so they do not compete with the serving process.
+        """
         port, admin_port = free_port(), free_port()
         config = self.workdir / f"{name}.toml"
         config.write_text(
             "# written by bench/live_path.py\n"
             '[proxy]\nlog_level = "warning"\n\n'
             "[shadow]\n# shutdown only: do not wait 10 s for mirrors parked on a hanging candidate\n"
-            "drain_timeout = 2.0\n\n"
+            "drain_timeout = 2.0\n" + ('isolation = "process"\n' if isolation == "process" else "") + "\n"
             f"[record]\nenabled = {'true' if record else 'false'}\n" + (f"\n{extra_toml}" if extra_toml else "")
         )
         argv = [
@@ -1003,9 +1047,11 @@ class Bench:
             argv += ["--redis-url", self.redis_url]
         cores = self.proxy_cores if workers == 1 else None  # several workers: all cores, shared
         proc = self.children.spawn(f"proxy-{name}", argv, cores=cores, env=env)
-        proxy = Proxy(name, proc, port, admin_port, workers)
+        proxy = Proxy(name, proc, port, admin_port, workers, isolation)
         try:
             self._wait_ready(proxy)
+            if isolation == "process":
+                self._pin_shadow_processes(proxy, pin=cores is not None and self.aux_cores is not None)
         except Exception:
             self.children.stop(proc)
             raise RuntimeError(f"proxy {name} did not start:\n{self.children.log_tail(f'proxy-{name}')}") from None
@@ -1038,6 +1084,18 @@ class Bench:
             time.sleep(0.1)
         raise RuntimeError("/readyz never answered 200")
 
+    def _pin_shadow_processes(self, proxy: Proxy, *, pin: bool, timeout: float = 30.0) -> None:
+        """Wait for one shadow process per serving process; pin them to the aux core(s) when pin."""
+        deadline = time.monotonic() + timeout
+        while len(shadows := proxy.shadow_processes()) < proxy.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(shadows)} shadow process(es) for {proxy.workers} serving process(es)")
+            time.sleep(0.1)
+        if pin:
+            assert self.aux_cores is not None
+            for shadow in shadows:
+                os.sched_setaffinity(shadow.pid, self.aux_cores)
+
     def stop_proxy(self, proxy: Proxy) -> None:
         self.children.stop(proxy.proc, grace=20.0)
         if proxy.proc.returncode not in (0, None):
@@ -1047,7 +1105,8 @@ class Bench:
         """Metrics once no mirror is in flight, the record queue is empty and counters stopped moving.
 
         "In flight" and "queued" come from /readyz (the live set and queue sizes), not from the
-        shadow_proxy_mirrors_in_flight gauge, which can stay above zero after every mirror ended.
+        shadow_proxy_mirrors_in_flight gauge, which can stay above zero after every mirror ended. In process mode
+        (where /readyz reads 0): every request's record written or dropped, and the counters stopped moving.
         """
         deadline = time.monotonic() + timeout
         previous: dict[str, Any] | None = None
@@ -1113,7 +1172,7 @@ class Bench:
         return result
 
     def saturate(
-        self, name: str, port: int, *, cpu: Callable[[], float] | None = None, connections: int = 0
+        self, name: str, port: int, *, cpu: Callable[[], float | dict[str, float]] | None = None, connections: int = 0
     ) -> dict[str, Any]:
         """A warm-up, then back-to-back windows; the median window's figures, with every window's req/s.
 
@@ -1122,9 +1181,12 @@ class Bench:
         return self.saturate_together({name: (port, cpu)}, connections)[name]
 
     def saturate_together(
-        self, subjects: dict[str, tuple[int, Callable[[], float] | None]], connections: int = 0
+        self, subjects: dict[str, tuple[int, Callable[[], float | dict[str, float]] | None]], connections: int = 0
     ) -> dict[str, dict[str, Any]]:
-        """saturate() for several subjects, their windows taking turns, so a drift of the machine hits them alike."""
+        """saturate() for several subjects, their windows taking turns, so a drift of the machine hits them alike.
+
+        A cpu callable may return CPU seconds by part (process mode: serving, shadow): each window then has both
+        the total and cpu_seconds_by."""
         s = self.s
         connections = connections or s.sat_connections
         windows: dict[str, list[dict[str, Any]]] = {name: [] for name in subjects}
@@ -1135,7 +1197,13 @@ class Bench:
             for name, (port, cpu) in subjects.items():
                 before = cpu() if cpu else 0.0
                 windows[name].append(self._load_closed(f"{name}-{i}", port, s.sat_seconds, connections))
-                windows[name][-1]["cpu_seconds"] = cpu() - before if cpu else None
+                after = cpu() if cpu else None
+                if isinstance(after, dict) and isinstance(before, dict):
+                    by = {part: after[part] - before.get(part, 0.0) for part in after}
+                    windows[name][-1]["cpu_seconds_by"] = by
+                    windows[name][-1]["cpu_seconds"] = sum(by.values())
+                else:
+                    windows[name][-1]["cpu_seconds"] = after - before if after is not None else None  # type: ignore[operator]
         return {name: _saturation_summary(runs) for name, runs in windows.items()}
 
     def _load_closed(self, name: str, port: int, seconds: float, connections: int) -> dict[str, Any]:
@@ -1456,7 +1524,9 @@ class Bench:
 
         Every proxy is a fresh process pinned to the proxy core (--workers 2: all cores). Open loop: one case at a
         time, naive and shadow-proxy alternating; saturating: both up side by side, their windows taking turns.
+        With several isolation modes, shadow-proxy runs once per mode (kinds SHADOW_KINDS), naive and direct once.
         """
+        kinds = ("naive", *(SHADOW_KINDS[mode] for mode in self.isolations))
         log(f"7. targets: naive aiohttp proxy vs shadow-proxy, open loop {self.s.rate:g} req/s and wrk -c32")
         for name in ("incumbent_sse", "candidate_sse"):
             if name not in self.upstreams:
@@ -1466,45 +1536,57 @@ class Bench:
             name = f"targets_{key}"
             runs[key] = self.quietest(name, functools.partial(self.open_loop, name, self.port(upstream)))
         for cand in TARGET_CANDIDATES:
-            for kind in ("naive", "shadow"):
+            for kind in kinds:
                 runs[f"{kind}_{cand}"] = self.quietest(
                     f"targets_{kind}_{cand}", functools.partial(self.target_open, kind, cand)
                 )
         for cand, workers in (("fast", 1), ("slow", 1), ("refused", 1), ("fast", 2)):
-            for kind, run in self.target_saturate(cand, workers).items():
+            for kind, run in self.target_saturate(cand, workers, kinds).items():
                 runs[f"{kind}_{cand}_{workers}w_sat"] = run
         runs["direct_sat"] = self.saturate_direct("targets_direct_sat", TARGETS_CONNECTIONS)
         self.results["targets"] = runs
+        self.results["targets_isolation"] = list(self.isolations)
 
     def subject(self, kind: str, name: str, cand: str, workers: int = 1) -> Proxy:
         """A fresh naive proxy or shadow-proxy (mirroring + recording) with one of the TARGET_CANDIDATES."""
         candidate, incumbent = TARGET_CANDIDATES[cand], "incumbent_sse" if cand == "sse" else "incumbent"
         if kind == "naive":
             return self.start_naive(name, candidate=candidate, workers=workers, incumbent=incumbent)
-        return self.start_proxy(name, candidate=candidate, record=True, workers=workers, incumbent=incumbent)
+        isolation = "process" if kind == SHADOW_KINDS["process"] else "inline"
+        return self.start_proxy(
+            name, candidate=candidate, record=True, workers=workers, incumbent=incumbent, isolation=isolation
+        )
 
     def target_open(self, kind: str, cand: str) -> dict[str, Any]:
         name = f"targets_{kind}_{cand}"
         proxy = self.subject(kind, name, cand)
         try:
             result = self.open_loop(name, proxy.port)
-            if kind == "shadow":
+            if kind != "naive":
                 result["proxy"] = self.drain(proxy, timeout=10)
         finally:
             self.stop_proxy(proxy)
         return result
 
-    def target_saturate(self, cand: str, workers: int) -> dict[str, dict[str, Any]]:
-        """wrk -c32 windows, naive and shadow-proxy taking turns, with each one's CPU time; shadow-proxy's
-        accounting once drained. Both run side by side (the idle one waits); the naive one records nothing."""
+    def target_saturate(
+        self, cand: str, workers: int, kinds: tuple[str, ...] = ("naive", "shadow")
+    ) -> dict[str, dict[str, Any]]:
+        """wrk -c32 windows, naive and shadow-proxy taking turns, with each one's CPU time (process mode: serving and
+        shadow processes apart); shadow-proxy's accounting once drained. All run side by side (the idle ones wait);
+        the naive one records nothing. Several shadow-proxies share the one Redis, each its own stream counts."""
         self.clear_redis()
         proxies: dict[str, Proxy] = {}
         try:
-            for kind in ("naive", "shadow"):
+            for kind in kinds:
                 proxies[kind] = self.subject(kind, f"targets_{kind}_{cand}_{workers}w_sat", cand, workers)
-            subjects = {name: (p.port, p.cpu_seconds) for name, p in proxies.items()}
+            subjects: dict[str, tuple[int, Callable[[], float | dict[str, float]] | None]] = {
+                name: (p.port, p.cpu_split if p.isolation == "process" else p.cpu_seconds)
+                for name, p in proxies.items()
+            }
             runs = self.saturate_together(subjects, TARGETS_CONNECTIONS)
-            runs["shadow"]["accounting"] = self.accounting(proxies["shadow"])
+            for kind in kinds:
+                if kind != "naive":
+                    runs[kind]["accounting"] = self.accounting(proxies[kind])
         finally:
             for proxy in proxies.values():
                 self.stop_proxy(proxy)
@@ -1609,6 +1691,11 @@ def _saturation_summary(windows: list[dict[str, Any]]) -> dict[str, Any]:
     result["windows"] = windows
     if all(w["cpu_seconds"] is not None for w in windows):
         result["cpu_us_per_request"] = 1e6 * sum(w["cpu_seconds"] for w in windows) / max(1, result["requests"])
+    if windows and all("cpu_seconds_by" in w for w in windows):
+        result["cpu_us_per_request_by"] = {
+            part: 1e6 * sum(w["cpu_seconds_by"][part] for w in windows) / max(1, result["requests"])
+            for part in windows[0]["cpu_seconds_by"]
+        }
     return result
 
 
@@ -1714,9 +1801,10 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
             add("")
         _render_shaping(add, r["shaping"], s)
     if "targets" in r:
-        if out[-1]:
-            add("")
-        _render_targets(add, r["targets"], s)
+        for mode in r.get("targets_isolation", ["inline"]):
+            if out[-1]:
+                add("")
+            _render_targets(add, targets_view(r["targets"], mode), s, mode)
     return "\n".join(out).rstrip()
 
 
@@ -2045,12 +2133,27 @@ def target_checks(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
     ]
 
 
-def _render_targets(add: Any, r: dict[str, Any], s: Settings) -> None:
+def targets_view(runs: dict[str, Any], mode: str) -> dict[str, Any]:
+    """Scenario 7's runs as one isolation mode sees them: direct and naive, and that mode's shadow-proxy as "shadow"."""
+    kind = SHADOW_KINDS[mode]
+    view = {key: run for key, run in runs.items() if key.split("_", 1)[0] not in SHADOW_KINDS.values()}
+    view |= {"shadow_" + key.split("_", 1)[1]: run for key, run in runs.items() if key.split("_", 1)[0] == kind}
+    return view
+
+
+def _render_targets(add: Any, r: dict[str, Any], s: Settings, mode: str = "inline") -> None:
     add(
-        "7. Against a naive aiohttp proxy (bench/naive_proxy.py, issue 11): direct, naive and shadow-proxy in the "
+        f"7. Against a naive aiohttp proxy (bench/naive_proxy.py, issue 11), shadow-proxy with [shadow] isolation = "
+        f'"{mode}": direct, naive and shadow-proxy in the '
         "same run, fresh processes per case pinned to the proxy core (--workers 2: all cores, shared); shadow-proxy "
         "mirrors and records, the naive proxy mirrors every POST and records nothing"
     )
+    if mode == "process":
+        add(
+            "   process mode: serve parent -> serving worker (proxy core) -> shadow process, moved to the aux core "
+            "(shared with wrk, the upstreams and redis-server; --workers 2: unpinned); CPU counts all three; "
+            "drained = every request's record written or dropped and the counters still (/readyz reads 0 here)"
+        )
     add(
         f"   saturating: wrk -c{TARGETS_CONNECTIONS}, {s.sat_windows} x {s.sat_seconds:g} s windows each, naive and "
         "shadow-proxy up side by side taking turns, the median window; "
@@ -2088,6 +2191,15 @@ def _render_targets(add: Any, r: dict[str, Any], s: Settings) -> None:
     for cand, label in cands.items():
         n, sp = r[f"naive_{cand}_1w_sat"], r[f"shadow_{cand}_1w_sat"]
         row(f"CPU us per request, {label}", None, n, sp, lambda run: float(run["cpu_us_per_request"]), 0)
+    if mode == "process":
+        for key, label in (*((f"{c}_1w", lab) for c, lab in cands.items()), ("fast_2w", "--workers 2, fast")):
+            sp, naive = r[f"shadow_{key}_sat"], r[f"naive_{key}_sat"]
+            by = sp.get("cpu_us_per_request_by", {})
+            add(
+                f"   shadow-proxy CPU us per request, {label}: serving process(es) {by.get('serving', math.nan):.0f} "
+                f"+ shadow process(es) {by.get('shadow', math.nan):.0f} = {sp['cpu_us_per_request']:.0f} "
+                f"(naive {naive['cpu_us_per_request']:.0f})"
+            )
     for q in ("p50", "p99"):
         for cand, label in cands.items():
             row(
@@ -2110,7 +2222,8 @@ def _render_targets(add: Any, r: dict[str, Any], s: Settings) -> None:
         add(
             f"   shadow-proxy saturating, {label}: {a['requests']:.0f} requests, records written/requests "
             f"{_written_per_request(r[f'shadow_{cand}_1w_sat']):.3f}, mirrors sent {a['mirrors_sent']:.0f}, skipped "
-            f"{dict(a['mirrors_skipped']) or 0}, failed {dict(a['mirrors_failed']) or 0}"
+            f"{dict(a['mirrors_skipped']) or 0}, failed {dict(a['mirrors_failed']) or 0}, records dropped "
+            f"{dict(a['records_dropped']) or 0}, drained {a.get('drained')}"
         )
     errors = {key: run["error_count"] for key, run in r.items() if "error_count" in run and run["error_count"]}
     errors |= {key: run["errors"] for key, run in r.items() if key.endswith("_sat") and run["errors"]}
@@ -2206,6 +2319,13 @@ def main(argv: list[str]) -> int:
         help="comma-separated scenarios to run, 1 to 7 (6 or shaping: request shaping; 7 or targets: against the "
         "naive aiohttp proxy, issue 11; default: all)",
     )
+    parser.add_argument(
+        "--isolation",
+        choices=("inline", "process", "both"),
+        default="inline",
+        help="scenario 7: shadow-proxy's [shadow] isolation; both: its cases once per mode (naive and direct once), "
+        "one table per mode",
+    )
     parser.add_argument("--no-wrk", action="store_true", help="use the Python closed-loop generator even if wrk exists")
     parser.add_argument(
         "--dump-samples",
@@ -2234,6 +2354,7 @@ def main(argv: list[str]) -> int:
         bench = Bench(settings, Path(tmp), args.quick, dump_dir)
         if args.no_wrk:
             bench.wrk = None
+        bench.isolations = ["inline", "process"] if args.isolation == "both" else [args.isolation]
         if not bench.wrk:
             log("wrk not found: saturation uses the Python closed-loop generator (apt-get install wrk for wrk)")
         failure = ""
