@@ -23,7 +23,7 @@ from .comparator.pricing import PriceBook, Usage, count_tokens
 from .config import CandidateConfig
 from .exchange import ArmCapture
 from .redis import StoreUnavailable
-from .supervisor import Health, Supervisor
+from .supervisor import Health, Supervisor, start_loop
 
 BUCKET_SECONDS = 60
 BUCKETS = 60  # one hour
@@ -113,10 +113,7 @@ class SpendSync:
 
     def start(self, supervisor: Supervisor | None = None) -> None:
         if self._ledgers:
-            if supervisor is not None:
-                self._task = supervisor.start(self.health.name, self.run)
-            else:
-                self._task = asyncio.create_task(self.run(), name="spend-sync")
+            self._task = start_loop(supervisor, self.health.name, self.run)
 
     async def sync(self, now: float) -> None:
         minute = SpendLedger.minute(now)

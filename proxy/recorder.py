@@ -22,7 +22,7 @@ from .metrics import Metrics
 from .redaction import Redactor
 from .redis import Backoff, RecordWriter, StoreUnavailable
 from .spool import Spool, SpoolLocked
-from .supervisor import Health, Supervisor
+from .supervisor import Health, Supervisor, start_loop
 
 log = structlog.get_logger("shadow_proxy.recorder")
 
@@ -106,10 +106,7 @@ class Recorder:
     def start(self, supervisor: Supervisor | None = None) -> None:
         """Start the writer loop (restarted by ``supervisor`` if anything escapes it)."""
         self.open_spool()
-        if supervisor is not None:
-            self._task = supervisor.start(self.health.name, self.run)
-        else:
-            self._task = asyncio.create_task(self.run(), name="recorder")
+        self._task = start_loop(supervisor, self.health.name, self.run)
 
     async def run(self) -> None:
         """The writer loop; returns once closing and everything queued is written (or spooled)."""

@@ -129,3 +129,14 @@ class Supervisor:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def start_loop(supervisor: Supervisor | None, name: str, loop: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+    """Run a loop under the process's supervisor, or as a plain task where there is none (tests, tools)."""
+    if supervisor is not None:
+        return supervisor.start(name, loop)
+    return asyncio.create_task(_awaited(loop), name=name)
+
+
+async def _awaited(loop: Callable[[], Awaitable[None]]) -> None:
+    await loop()

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,35 @@ def _applied(client: redis.Redis) -> float:
     return total
 
 
+@dataclass
+class Stack:
+    """A proxy (with its canary loops) and comparator workers, all on one Redis."""
+
+    proxy: ProxyServer
+    workers: list[Worker]
+    runs: list[asyncio.Task[Any]]
+
+
+@contextlib.asynccontextmanager
+async def _stack(upstreams: Any, redis_url: str, workers: int = 1) -> AsyncIterator[Stack]:
+    incumbent, candidate = await upstreams(echo), await upstreams(echo)
+    config = make_config(**_sections(redis_url, incumbent.url, candidate.url))
+    proxy = ProxyServer(config)
+    await proxy.start()
+    started = [Worker(config, redis_url) for _ in range(workers)]
+    stack = Stack(proxy, started, [asyncio.create_task(w.run()) for w in started])
+    try:
+        await eventually(lambda: _loops_ok(proxy))
+        yield stack
+    finally:
+        for worker in started:
+            worker.stop()
+        await asyncio.gather(*stack.runs, return_exceptions=True)
+        for worker in started:
+            await worker.close()
+        await proxy.stop()
+
+
 async def test_redis_restarts_under_load_lose_nothing_uncounted_and_every_loop_comes_back(
     upstreams, tmp_path: Path
 ) -> None:
@@ -134,58 +165,51 @@ async def test_redis_restarts_under_load_lose_nothing_uncounted_and_every_loop_c
     and the aggregates count each record once."""
     server = EmbeddedRedis(tmp_path / "redis", port=free_port(), persist=True)
     server.start()
-    incumbent, candidate = await upstreams(echo), await upstreams(echo)
-    config = make_config(**_sections(server.url, incumbent.url, candidate.url))
-    proxy = ProxyServer(config)
-    await proxy.start()
-    workers = [Worker(config, server.url) for _ in range(2)]
-    runs = [asyncio.create_task(w.run()) for w in workers]
     client = redis.Redis.from_url(server.url)
     try:
-        metrics = proxy.runtime.metrics
-        await eventually(lambda: _loops_ok(proxy))
-        async with Load(f"http://127.0.0.1:{proxy.port}/v1/completions", rate=200) as load:
-            await asyncio.sleep(2)
-            await _restart(server, 10.0)
-            await eventually(lambda: metrics.value("shadow_proxy_loop_up", loop="recorder") == 1.0, within=20)
-            for _ in range(2):
-                await asyncio.sleep(1)
-                await _restart(server, 0.5)
-            await asyncio.sleep(2)
-        assert load.errors == 0 and set(load.statuses) == {200}, (load.errors, load.statuses)
-        answered = load.answered
-
-        def settled() -> bool:
-            written = metrics.value("shadow_proxy_records_written_total")
-            dropped = sum(
-                metrics.value("shadow_proxy_records_dropped_total", reason=r)
-                for r in ("queue_full", "shutdown", "unserialisable")
-            )
-            return written + dropped == answered
-
-        await eventually(settled, within=30)
-        # The memory queue held the whole outage: nothing was dropped.
-        assert metrics.value("shadow_proxy_records_written_total") == answered
-        await eventually(lambda: _loops_ok(proxy), within=20)
-        ready = await _readyz(proxy)
-        assert all(loop["ok"] for loop in ready["loops"].values()), ready["loops"]
-        assert {"recorder", "canary-weights", "canary-controller"} <= set(ready["loops"])
-        assert ready["loops"]["recorder"]["last_outage"] is not None  # it says it was down, and when
-        assert all(not run.done() for run in runs)  # both workers are still running
-        await eventually(lambda: all(w.health.ok for w in workers), within=20)
-        # Every record compared once: the aggregates hold exactly one count per answered request.
-        await eventually(lambda: _applied(client) == answered, within=60)
-        assert sum(w.progress.redis_errors for w in workers) > 0  # they did see the outage
-        assert client.hgetall("{shadow}:records:lost") == {}  # and nothing was trimmed or deleted unread
+        async with _stack(upstreams, server.url, workers=2) as stack:
+            await _restarts_under_load(stack, server, client)
     finally:
-        for worker in workers:
-            worker.stop()
-        await asyncio.gather(*runs, return_exceptions=True)
-        for worker in workers:
-            await worker.close()
-        await proxy.stop()
         client.close()
         server.stop()
+
+
+async def _restarts_under_load(stack: Stack, server: EmbeddedRedis, client: redis.Redis) -> None:
+    proxy, workers, runs = stack.proxy, stack.workers, stack.runs
+    metrics = proxy.runtime.metrics
+    async with Load(f"http://127.0.0.1:{proxy.port}/v1/completions", rate=200) as load:
+        await asyncio.sleep(2)
+        await _restart(server, 10.0)
+        await eventually(lambda: metrics.value("shadow_proxy_loop_up", loop="recorder") == 1.0, within=20)
+        for _ in range(2):
+            await asyncio.sleep(1)
+            await _restart(server, 0.5)
+        await asyncio.sleep(2)
+    assert load.errors == 0 and set(load.statuses) == {200}, (load.errors, load.statuses)
+    answered = load.answered
+
+    def settled() -> bool:
+        written = metrics.value("shadow_proxy_records_written_total")
+        dropped = sum(
+            metrics.value("shadow_proxy_records_dropped_total", reason=r)
+            for r in ("queue_full", "shutdown", "unserialisable")
+        )
+        return written + dropped == answered
+
+    await eventually(settled, within=30)
+    # The memory queue held the whole outage: nothing was dropped.
+    assert metrics.value("shadow_proxy_records_written_total") == answered
+    await eventually(lambda: _loops_ok(proxy), within=20)
+    ready = await _readyz(proxy)
+    assert all(loop["ok"] for loop in ready["loops"].values()), ready["loops"]
+    assert {"recorder", "canary-weights", "canary-controller"} <= set(ready["loops"])
+    assert ready["loops"]["recorder"]["last_outage"] is not None  # it says it was down, and when
+    assert all(not run.done() for run in runs)  # both workers are still running
+    await eventually(lambda: all(w.health.ok for w in workers), within=20)
+    # Every record compared once: the aggregates hold exactly one count per answered request.
+    await eventually(lambda: _applied(client) == answered, within=60)
+    assert sum(w.progress.redis_errors for w in workers) > 0  # they did see the outage
+    assert client.hgetall("{shadow}:records:lost") == {}  # and nothing was trimmed or deleted unread
 
 
 async def test_a_stalled_and_then_dropped_redis_connection_is_survived(upstreams, redis_url, redis_client) -> None:
@@ -193,35 +217,27 @@ async def test_a_stalled_and_then_dropped_redis_connection_is_survived(upstreams
     cut and new ones refused; the recorder, canary loops and a worker report it and resume afterwards."""
     host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
     fault = await FaultProxy(host, int(port)).start()
-    incumbent, candidate = await upstreams(echo), await upstreams(echo)
-    config = make_config(**_sections(fault.url, incumbent.url, candidate.url))
-    proxy = ProxyServer(config)
-    await proxy.start()
-    worker = Worker(config, fault.url)
-    run = asyncio.create_task(worker.run())
     try:
-        metrics = proxy.runtime.metrics
-        await eventually(lambda: _loops_ok(proxy))
-        async with Load(f"http://127.0.0.1:{proxy.port}/v1/completions", rate=100) as load:
-            await asyncio.sleep(1)
-            fault.stall()
-            await eventually(lambda: not proxy.runtime.supervisor.all_ok, within=15)
-            await eventually(lambda: not worker.health.ok, within=15)
-            fault.drop()
-            await asyncio.sleep(2)
-            fault.restore()
-            await asyncio.sleep(1)
-        assert load.errors == 0 and set(load.statuses) == {200}, (load.errors, load.statuses)
-        await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == load.answered, within=30)
-        await eventually(lambda: _loops_ok(proxy) and worker.health.ok, within=30)
-        await eventually(lambda: _applied(redis_client) == load.answered, within=60)
-        assert metrics.value("shadow_proxy_record_write_errors_total") > 0
-        assert not run.done()
+        async with _stack(upstreams, fault.url) as stack:
+            proxy, worker, run = stack.proxy, stack.workers[0], stack.runs[0]
+            metrics = proxy.runtime.metrics
+            async with Load(f"http://127.0.0.1:{proxy.port}/v1/completions", rate=100) as load:
+                await asyncio.sleep(1)
+                fault.stall()
+                await eventually(lambda: not proxy.runtime.supervisor.all_ok, within=15)
+                await eventually(lambda: not worker.health.ok, within=15)
+                fault.drop()
+                await asyncio.sleep(2)
+                fault.restore()
+                await asyncio.sleep(1)
+            assert load.errors == 0 and set(load.statuses) == {200}, (load.errors, load.statuses)
+            answered = load.answered
+            await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == answered, within=30)
+            await eventually(lambda: _loops_ok(proxy) and worker.health.ok, within=30)
+            await eventually(lambda: _applied(redis_client) == load.answered, within=60)
+            assert metrics.value("shadow_proxy_record_write_errors_total") > 0
+            assert not run.done()
     finally:
-        worker.stop()
-        await asyncio.gather(run, return_exceptions=True)
-        await worker.close()
-        await proxy.stop()
         await fault.close()
 
 
@@ -229,43 +245,34 @@ async def test_busy_and_paused_redis_are_waited_out(upstreams, tmp_path: Path) -
     """A script holding Redis (BUSY replies) and CLIENT PAUSE: loops report it, then resume by themselves."""
     server = EmbeddedRedis(tmp_path / "redis", port=free_port(), persist=False)
     server.start()
-    incumbent, candidate = await upstreams(echo), await upstreams(echo)
-    config = make_config(**_sections(server.url, incumbent.url, candidate.url))
-    proxy = ProxyServer(config)
-    await proxy.start()
-    worker = Worker(config, server.url)
-    run = asyncio.create_task(worker.run())
     admin = redis.Redis.from_url(server.url)
+    busy_client = redis.Redis.from_url(server.url)
     try:
-        await eventually(lambda: _loops_ok(proxy))
-        admin.config_set("lua-time-limit", 100)
-        busy_client = redis.Redis.from_url(server.url)
+        async with _stack(upstreams, server.url) as stack:
+            proxy, worker = stack.proxy, stack.workers[0]
+            admin.config_set("lua-time-limit", 100)
 
-        def busy() -> None:
-            with contextlib.suppress(redis.RedisError):
-                busy_client.eval("local i = 0 while true do i = i + 1 end", 0)
+            def busy() -> None:
+                with contextlib.suppress(redis.RedisError):
+                    busy_client.eval("local i = 0 while true do i = i + 1 end", 0)
 
-        thread = threading.Thread(target=busy, daemon=True)
-        async with Load(f"http://127.0.0.1:{proxy.port}/v1/completions", rate=50) as load:
-            thread.start()
-            await eventually(lambda: not worker.health.ok, within=15)
-            reasons = {h["reason"] for h in proxy.runtime.supervisor.status().values()} | {worker.health.reason}
-            await asyncio.to_thread(admin.script_kill)
-            await asyncio.to_thread(thread.join, 10)
+            thread = threading.Thread(target=busy, daemon=True)
+            async with Load(f"http://127.0.0.1:{proxy.port}/v1/completions", rate=50) as load:
+                thread.start()
+                await eventually(lambda: not worker.health.ok, within=15)
+                reasons = {h["reason"] for h in proxy.runtime.supervisor.status().values()} | {worker.health.reason}
+                await asyncio.to_thread(admin.script_kill)
+                await asyncio.to_thread(thread.join, 10)
+                await eventually(lambda: _loops_ok(proxy) and worker.health.ok, within=30)
+                admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+                await asyncio.sleep(2.5)
+            assert any(reason and "busy" in reason for reason in reasons), reasons
+            assert load.errors == 0 and set(load.statuses) == {200}
+            metrics = proxy.runtime.metrics
+            await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == load.answered, within=30)
             await eventually(lambda: _loops_ok(proxy) and worker.health.ok, within=30)
-            admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")
-            await asyncio.sleep(2.5)
-        assert any(reason and "busy" in reason for reason in reasons), reasons
-        assert load.errors == 0 and set(load.statuses) == {200}
-        metrics = proxy.runtime.metrics
-        await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == load.answered, within=30)
-        await eventually(lambda: _loops_ok(proxy) and worker.health.ok, within=30)
-        busy_client.close()
     finally:
-        worker.stop()
-        await asyncio.gather(run, return_exceptions=True)
-        await worker.close()
-        await proxy.stop()
+        busy_client.close()
         admin.close()
         server.stop()
 

@@ -14,7 +14,7 @@ import structlog
 
 from ..metrics import Metrics
 from ..redis import Backoff, CanaryStore, StoreUnavailable
-from ..supervisor import Health, Supervisor
+from ..supervisor import Health, Supervisor, start_loop
 from .state import CanaryState
 
 log = structlog.get_logger("shadow_proxy.canary")
@@ -46,10 +46,7 @@ class WeightWatcher:
             self._metrics.canary_stage.set(state.stage)
 
     def start(self, supervisor: Supervisor | None = None) -> None:
-        if supervisor is not None:
-            self._task = supervisor.start(self.health.name, self.run)
-        else:
-            self._task = asyncio.create_task(self.run(), name="canary-weights")
+        self._task = start_loop(supervisor, self.health.name, self.run)
 
     async def close(self) -> None:
         if self._task is not None:
