@@ -169,6 +169,12 @@ class Metrics:
         self.record_queue_bytes = Gauge(
             "shadow_proxy_record_queue_bytes", "Bytes held by records waiting.", registry=r, multiprocess_mode="livesum"
         )
+        self.bodies_withheld = Counter(
+            "shadow_proxy_record_bodies_withheld",
+            "Recorded bodies replaced whole because they could not be checked for secrets, by reason.",
+            ["reason"],
+            registry=r,
+        )
         # Background loops (recorder, spend sync, canary weights and controller) and their supervisor.
         self.loop_up = Gauge(
             "shadow_proxy_loop_up",

@@ -38,7 +38,7 @@ class Recorder:
         self._writer = writer
         self._config = config
         self._metrics = metrics
-        self._redactor = Redactor(config)
+        self._redactor = Redactor(config, lambda kind: metrics.child(metrics.bodies_withheld, kind).inc())
         self._queue: deque[tuple[Exchange, int]] = deque()  # not yet serialised, with their estimated size
         self._ready: deque[tuple[Fields, int]] = deque()  # serialised, waiting for Redis, with their size
         self._queued_bytes = 0  # both of the above

@@ -8,6 +8,7 @@ docs/records.md ("Never recorded").
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -40,7 +41,8 @@ _HEADER_NAMES_MAX = 4096
 class Redactor:
     """Masks configured secrets in headers, query strings and JSON bodies."""
 
-    def __init__(self, config: RecordConfig) -> None:
+    def __init__(self, config: RecordConfig, on_withheld: Callable[[str], None] | None = None) -> None:
+        self._on_withheld = on_withheld  # called with the reason's kind each time a body is withheld whole
         self._headers = ALWAYS_REDACTED_HEADERS | {h.lower() for h in config.redact_headers}
         self._params = frozenset(p.lower() for p in config.redact_query_params)
         self._paths = tuple(tuple(p.split(".")) for p in config.redact_json_paths)
@@ -93,19 +95,28 @@ class Redactor:
             return self._plain(body, truncated)
         wbits = _WBITS.get(encoding)
         if wbits is None:
-            return _withheld(f"{encoding}-encoded body withheld: it cannot be checked for secrets")
+            return self._withheld("encoding", f"{encoding}-encoded body withheld: it cannot be checked for secrets")
         inflater = zlib.decompressobj(wbits)
         try:
             plain = inflater.decompress(body, INFLATED_CAP)
         except zlib.error:
-            return _withheld("compressed body withheld: it does not inflate, so it cannot be checked for secrets")
+            return self._withheld(
+                "not_inflatable", "compressed body withheld: it does not inflate, so it cannot be checked for secrets"
+            )
         if inflater.unconsumed_tail:
-            return _withheld("compressed body withheld: it inflates past the size that is checked for secrets")
+            return self._withheld(
+                "inflates_too_large", "compressed body withheld: it inflates past the size that is checked for secrets"
+            )
         redacted = self._plain(plain, truncated or not inflater.eof)
         if redacted is plain:
             return body
         deflater = zlib.compressobj(1, zlib.DEFLATED, wbits)
         return deflater.compress(redacted) + deflater.flush()
+
+    def _withheld(self, kind: str, reason: str) -> bytes:
+        if self._on_withheld is not None:
+            self._on_withheld(kind)
+        return orjson.dumps({"redacted": reason})
 
     def _plain(self, body: bytes, truncated: bool) -> bytes:
         may_hold = self._names.may_hold(body)
@@ -116,20 +127,18 @@ class Redactor:
         except orjson.JSONDecodeError:
             if truncated and self._paths and body.lstrip()[:1] in (b"{", b"["):
                 # A cut JSON body might hold a field we were told to mask: keep none of it.
-                return _withheld("truncated JSON body withheld: its fields cannot be checked for masking")
+                return self._withheld(
+                    "truncated_json", "truncated JSON body withheld: its fields cannot be checked for masking"
+                )
             # Form bodies, SSE streams, cut JSON: scrubbed pair by pair.
             return self._names.scrub(body, self._marker) if may_hold else body
         try:
             hit = may_hold and self._names.mask(document, self._marker)
         except RecursionError:  # nested deeper than Python recurses: cannot be walked, so not kept
-            return _withheld("JSON body withheld: nested too deep to be checked for secrets")
+            return self._withheld("too_deep", "JSON body withheld: nested too deep to be checked for secrets")
         for path in self._paths:
             hit = _mask(document, path, self._marker) or hit
         return orjson.dumps(document) if hit else body
-
-
-def _withheld(reason: str) -> bytes:
-    return orjson.dumps({"redacted": reason})
 
 
 def _mask(node: Any, path: tuple[str, ...], marker: str) -> bool:

@@ -181,3 +181,16 @@ def test_a_body_nested_too_deep_to_walk_is_withheld() -> None:
     body = b'{"api_key": "sk-1", "a": ' + b"[" * 1000 + b"]" * 1000 + b"}"
     out = _redactor().body(body, False)
     assert out == b'{"redacted":"JSON body withheld: nested too deep to be checked for secrets"}'
+
+
+def test_every_body_withheld_whole_is_counted_by_reason() -> None:
+    """Each body replaced whole reports its reason (the recorder counts them in
+    shadow_proxy_record_bodies_withheld_total); a body that could be checked reports nothing."""
+    seen: list[str] = []
+    redactor = Redactor(RecordConfig(redact_json_paths=("user",)), seen.append)
+    redactor.body(b"\x1b\x00sk-secret", False, "br")
+    redactor.body(b"not gzip", False, "gzip")
+    redactor.body(b'{"user": "ab', True)
+    redactor.body(b'{"api_key": "sk-1", "a": ' + b"[" * 1000 + b"]" * 1000 + b"}", False)
+    redactor.body(b'{"user": "x", "api_key": "k"}', False)
+    assert seen == ["encoding", "not_inflatable", "truncated_json", "too_deep"]
