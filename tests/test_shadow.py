@@ -52,9 +52,7 @@ async def test_hanging_candidate_does_not_hold_the_live_path(upstreams, proxies)
     candidate = await upstreams(_hanging(release, arrived))
     proxy = await proxies(incumbent={"url": incumbent.url}, candidate={"url": candidate.url}, record={"enabled": False})
     async with aiohttp.ClientSession() as client:
-        for _ in range(20):
-            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
-                assert resp.status == 200
+        await _post(client, proxy.port, 20)
     await eventually(lambda: len(arrived) == 20)
     (mirror,) = proxy.runtime.shadows
     assert not release.is_set() and mirror.in_flight == 20
@@ -73,9 +71,7 @@ async def test_refusing_candidate_is_counted_and_recorded(upstreams, proxies, re
         record={"redis_url": redis_url},
     )
     async with aiohttp.ClientSession() as client:
-        for _ in range(5):
-            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
-                assert resp.status == 200
+        await _post(client, proxy.port, 5)
     metrics = proxy.runtime.metrics
     await eventually(lambda: metrics.value("shadow_proxy_records_written_total") == 5)
     assert metrics.value("shadow_proxy_mirrors_failed_total", target="candidate", error="connect_error") == 5
@@ -95,15 +91,11 @@ async def test_refusing_candidate_opens_the_breaker(upstreams, proxies) -> None:
     )
     metrics = proxy.runtime.metrics
     async with aiohttp.ClientSession() as client:
-        for _ in range(3):
-            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
-                assert resp.status == 200
+        await _post(client, proxy.port, 3)
         await eventually(
             lambda: metrics.value("shadow_proxy_mirrors_failed_total", target="candidate", error="connect_error") == 3
         )
-        for _ in range(5):
-            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
-                assert resp.status == 200
+        await _post(client, proxy.port, 5)
     assert metrics.value("shadow_proxy_mirrors_skipped_total", target="candidate", reason="target_down") == 5
     assert metrics.value("shadow_proxy_mirrors_sent_total", target="candidate") == 3
 
@@ -120,9 +112,7 @@ async def test_mirror_cap_drops_and_counts(upstreams, proxies, redis_url, redis_
         record={"redis_url": redis_url},
     )
     async with aiohttp.ClientSession() as client:
-        for _ in range(5):
-            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
-                assert resp.status == 200
+        await _post(client, proxy.port, 5)
     metrics = proxy.runtime.metrics
     assert metrics.value("shadow_proxy_mirrors_sent_total", target="candidate") == 2
     assert metrics.value("shadow_proxy_mirrors_skipped_total", target="candidate", reason="full") == 3
@@ -326,9 +316,7 @@ async def test_a_slow_candidate_within_the_threshold_is_not_ejected(upstreams, p
     (mirror,) = proxy.runtime.shadows
     metrics = proxy.runtime.metrics
     async with aiohttp.ClientSession() as client:
-        for _ in range(10):
-            async with client.post(f"http://127.0.0.1:{proxy.port}/v1/x", data=b"{}") as resp:
-                assert resp.status == 200
+        await _post(client, proxy.port, 10)
     await eventually(lambda: mirror.in_flight == 0)
     assert metrics.value("shadow_proxy_upstream_duration_seconds_count", upstream="candidate", role="shadow") == 10
     assert metrics.value("shadow_proxy_mirrors_slow_total", target="candidate") == 0
