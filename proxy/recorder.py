@@ -16,7 +16,7 @@ from collections import deque
 
 import structlog
 
-from .config import RecordConfig
+from .config import ConfigError, RecordConfig
 from .exchange import Exchange
 from .metrics import Metrics
 from .redaction import Redactor
@@ -95,8 +95,16 @@ class Recorder:
                 break
             except SpoolLocked:
                 continue
+            except OSError as exc:
+                raise ConfigError(
+                    f"invalid config key record.spool_dir = {config.spool_dir!r}: {exc.strerror or exc}: "
+                    "give a directory this process can create and write, or leave it empty (no spool)"
+                ) from exc
         else:
-            raise RuntimeError(f"record.spool_dir {config.spool_dir}: every w<N> subdirectory is in use")
+            raise ConfigError(
+                f"invalid config key record.spool_dir = {config.spool_dir!r}: its 256 w<N> subdirectories are all "
+                "in use by other live processes: give each deployment its own directory"
+            )
         self._spooled = self.spool.pending_records
         if self._spooled:
             self._metrics.spool_recovered.inc(self._spooled)

@@ -149,12 +149,13 @@ class ProxyServer:
         self.admin_port = 0
 
     async def start(self) -> None:
-        """Bind both listeners; raises OSError (after cleaning up) when a port cannot be bound."""
-        await self._runner.setup()
-        await self._admin_runner.setup()
+        """Start the parts and bind both listeners; what fails (a port that cannot be bound, a spool
+        directory that cannot be used) is raised after everything already started is cleaned up."""
         try:
+            await self._runner.setup()
+            await self._admin_runner.setup()
             await self._bind()
-        except OSError:
+        except BaseException:
             await self._runner.cleanup()
             await self._admin_runner.cleanup()
             raise

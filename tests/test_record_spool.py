@@ -150,3 +150,32 @@ async def test_a_proxy_killed_with_sigkill_replays_its_spool_once(upstreams, tmp
                 process.kill()
                 process.wait()
         server.stop()
+
+
+def test_a_spool_directory_that_cannot_be_used_exits_2_naming_the_key(tmp_path: Path) -> None:
+    """A spool_dir that is a file: `serve` stops at startup with one line naming record.spool_dir, exit 2."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--incumbent",
+            "http://127.0.0.1:9",
+            "--redis-url",
+            f"redis://127.0.0.1:{free_port()}/0",
+        ],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SHADOW_PROXY_RECORD_SPOOL_DIR": str(blocker)},
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.decode().splitlines() if "record.spool_dir" in line]
+    assert len(errors) == 1 and "leave it empty" in errors[0]
+    assert b"Unclosed" not in result.stderr and b"Traceback" not in result.stderr
