@@ -23,15 +23,15 @@ from aiohttp import web
 from .canary import tokens
 from .exchange import ArmCapture, Exchange, now
 from .headers import relayed_headers, request_headers
+from .http1 import Response
 from .metrics import Metrics
 from .recorder import Recorder
 from .routing import RouteTable, serves_candidate, sticky_key
 from .shadow import ShadowDispatcher
-from .upstream import Failure, Upstream, classify
+from .upstream import SEND_ERRORS, Failure, Upstream, classify
 
 log = structlog.get_logger("shadow_proxy.forwarding")
 
-_UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 _SCHEME_AUTHORITY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 
 
@@ -252,7 +252,7 @@ class Forwarder:
         live = exchange.live
         assert live is not None
         live.start = now()
-        upstream_response: aiohttp.ClientResponse | None = None
+        upstream_response: Response | None = None
         body = exchange.body
         if not upstream.shaping.idle:
             shaped = upstream.shaping.apply(body, headers)
@@ -260,19 +260,18 @@ class Forwarder:
         try:
             try:
                 upstream_response = await upstream.send(request.method, raw_target, headers, body)
-            except _UPSTREAM_ERRORS as exc:
+            except SEND_ERRORS as exc:
                 return self._failed(exchange, classify(exc))
-            live.on_headers(upstream_response.status, list(upstream_response.headers.items()), now())
-            response = _Relayed(status=upstream_response.status, reason=upstream_response.reason)
-            response.typed = "Content-Type" in upstream_response.headers
-            relayed, via = relayed_headers(upstream_response.headers.items(), self.via)
+            live.on_headers(upstream_response.status, upstream_response.headers, now())
+            response = _Relayed(status=upstream_response.status, reason=upstream_response.reason or None)
+            relayed, via, response.typed = relayed_headers(upstream_response.headers, self.via)
             response.headers.extend(relayed)
             response.headers["Via"] = via
             response.headers[self.request_id_header] = exchange.client_request_id or exchange.request_id
             self._label(response, upstream, exchange.request_id)
             try:
                 await response.prepare(request)
-                if not _body_ready(upstream_response.content):
+                if not upstream_response.body_ready:
                     await response.write(b"")  # nothing to send the head with: send it now
             except ConnectionError:
                 self._client_gone(exchange, live)
@@ -286,7 +285,7 @@ class Forwarder:
             raise
         finally:
             if upstream_response is not None:
-                # Back to the pool when read to the end; aiohttp closes the connection otherwise.
+                # Back to the pool when read to the end (it went back already); closed otherwise.
                 upstream_response.release()
             self._account(exchange, live)
 
@@ -294,16 +293,15 @@ class Forwarder:
         self,
         request: web.Request,
         exchange: Exchange,
-        upstream_response: aiohttp.ClientResponse,
+        upstream_response: Response,
         response: web.StreamResponse,
     ) -> None:
         live = exchange.live
         assert live is not None
-        content = upstream_response.content
         while True:
             try:
-                chunk = await content.readany()
-            except _UPSTREAM_ERRORS as exc:
+                chunk = await upstream_response.readany()
+            except SEND_ERRORS as exc:
                 failure = classify(exc)
                 live.finish(now(), failure.error)
                 log.warning("upstream_failed_mid_stream", error=failure.error, detail=failure.detail)
@@ -364,11 +362,6 @@ class Forwarder:
             mirrored=[arm.upstream for arm in exchange.shadows],
             shadow_skipped=exchange.shadow_skipped or None,
         )
-
-
-def _body_ready(content: aiohttp.StreamReader) -> bool:
-    """Whether the upstream's body (or its end) has arrived already, before any of it was read."""
-    return content.total_bytes > 0 or content.is_eof()
 
 
 async def read_body(request: web.Request, limit: int) -> bytes | None:

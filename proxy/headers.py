@@ -57,12 +57,14 @@ def end_to_end(items: Iterable[tuple[str, str]], extra_drop: frozenset[str] = fr
     return [(name, value) for low, name, value in lowered if low not in drop]
 
 
-def relayed_headers(items: Iterable[tuple[str, str]], via: str) -> tuple[Headers, str]:
-    """A response's end-to-end headers and its Via value with this proxy appended, in one pass."""
+def relayed_headers(items: Iterable[tuple[str, str]], via: str) -> tuple[Headers, str, bool]:
+    """A response's end-to-end headers, its Via value with this proxy appended, and whether it has a
+    Content-Type, in one pass."""
     lowered = _lowered(items)
     drop = _drop(lowered, frozenset())
     kept = [(name, value) for low, name, value in lowered if low not in drop]
-    return kept, _via([value for low, _, value in lowered if low == "via"], via)
+    typed = any(low == "content-type" for low, _, _ in lowered)
+    return kept, _via([value for low, _, value in lowered if low == "via"], via), typed
 
 
 def request_headers(

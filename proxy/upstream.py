@@ -1,4 +1,4 @@
-"""The only caller of aiohttp's client: one session and pool per upstream, timeouts, error mapping.
+"""One upstream model server: its connection pool (``http1.Pool``), timeouts and error mapping.
 
 Failures are data: every client exception becomes an error class (a metric label and a record
 field) and an HTTP status for the live path, in ``classify`` and nowhere else.
@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import aiohttp
 from yarl import URL
 
+from . import http1
 from .config import UpstreamConfig
 from .exchange import ArmCapture, now
+from .http1 import Response, UpstreamError
 from .shaping import Shaping
 
-# aiohttp adds these when absent; a transparent proxy sends only what the client sent.
-_SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
+# What a send can raise: the client's own failures, and the system's (a socket error outside a request).
+SEND_ERRORS = (UpstreamError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,21 +34,13 @@ def classify(exc: BaseException) -> Failure:
     """Map a client exception to an error class; timeouts answer 504, every other failure 502."""
     detail = str(exc) or type(exc).__name__
     match exc:
-        case aiohttp.ConnectionTimeoutError():
-            return Failure("connect_timeout", 504, detail)
-        case aiohttp.SocketTimeoutError():
-            return Failure("read_timeout", 504, detail)
-        case asyncio.TimeoutError():
+        case UpstreamError():
+            return Failure(exc.error, 504 if exc.timeout else 502, detail)
+        case TimeoutError():
             return Failure("timeout", 504, detail or "total timeout exceeded")
-        case aiohttp.ClientConnectorError() | ConnectionRefusedError():
+        case ConnectionRefusedError():
             return Failure("connect_error", 502, detail)
-        case aiohttp.ServerDisconnectedError():
-            return Failure("disconnected", 502, detail)
-        case aiohttp.ClientPayloadError():
-            return Failure("payload_error", 502, detail)
-        case aiohttp.ClientResponseError():
-            return Failure("bad_response", 502, detail)
-        case aiohttp.ClientError() | OSError():
+        case OSError():
             return Failure("client_error", 502, detail)
     raise exc
 
@@ -64,44 +57,30 @@ class Upstream:
         self.host = base.host or ""
         self.port = base.port or 80
         self._prefix = base.raw_path.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(
-            total=config.total_timeout or None,
-            sock_connect=config.connect_timeout,
-            sock_read=config.read_timeout,
+        self._pool = http1.Pool(
+            self.host,
+            self.port,
+            tls=base.scheme == "https",
+            limit=config.pool_size,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            total_timeout=config.total_timeout,
         )
-        self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.config.pool_size, limit_per_host=0, ttl_dns_cache=60)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            trust_env=False,
-        )
+        """Nothing to open: connections are made on demand (kept for the callers' start/close pairing)."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.close()
 
     def url(self, raw_path_qs: str) -> URL:
         """The upstream URL for a request target, path and query kept byte for byte."""
         return URL(self.origin + self._prefix + raw_path_qs, encoded=True)
 
-    async def send(
-        self, method: str, raw_path_qs: str, headers: list[tuple[str, str]], body: bytes
-    ) -> aiohttp.ClientResponse:
-        """Send a request and return the response once its headers arrived; the caller reads and releases it."""
-        assert self._session is not None, "Upstream.start() was not awaited"
-        return await self._session.request(
-            method,
-            self.url(raw_path_qs),
-            headers=headers,
-            data=body or None,
-            allow_redirects=False,
-        )
+    async def send(self, method: str, raw_path_qs: str, headers: list[tuple[str, str]], body: bytes) -> Response:
+        """Send a request and return the response once its headers arrived; the caller reads and releases it.
+        Redirects are the client's business: a 3xx is relayed like any other answer."""
+        return await self._pool.send(method, self._prefix + raw_path_qs, headers, body)
 
     async def capture(
         self, arm: ArmCapture, method: str, raw_path_qs: str, headers: list[tuple[str, str]], body: bytes
@@ -110,12 +89,12 @@ class Upstream:
         try:
             response = await self.send(method, raw_path_qs, headers, body)
             try:
-                arm.on_headers(response.status, list(response.headers.items()), now())
-                async for chunk in response.content.iter_any():
+                arm.on_headers(response.status, response.headers, now())
+                while chunk := await response.readany():
                     arm.on_chunk(chunk, now())
             finally:
                 response.release()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except SEND_ERRORS as exc:
             failure = classify(exc)
             arm.finish(now(), failure.error)
             return failure
@@ -126,11 +105,16 @@ class Upstream:
         """Readiness: GET the health path when configured, else open a TCP connection."""
         try:
             async with asyncio.timeout(within):
-                if self.config.health_path and self._session is not None:
-                    async with self._session.get(self.url(self.config.health_path), allow_redirects=False) as resp:
-                        return resp.status < 500, f"HTTP {resp.status}"
+                if self.config.health_path:
+                    resp = await self.send("GET", self.config.health_path, [], b"")
+                    try:
+                        while await resp.readany():
+                            pass
+                    finally:
+                        resp.release()
+                    return resp.status < 500, f"HTTP {resp.status}"
                 _, writer = await asyncio.open_connection(self.host, self.port)
                 writer.close()
                 return True, "connected"
-        except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+        except SEND_ERRORS as exc:
             return False, classify(exc).error
