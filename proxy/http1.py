@@ -6,15 +6,18 @@ object), goes through the connector, arms its timers and starts a task to send t
 reverse proxy needs a small part of it: one origin, keep-alive, a body already in memory, a streamed
 answer, three timeouts and precise failure classes. What it does:
 
-- **Pool**: at most ``limit`` connections per upstream (idle ones reused last-in first-out, closed after
-  ``keepalive`` seconds idle); a request beyond the limit waits for a connection, first come first served.
+- **Pool**: at most ``limit`` connections per upstream (idle ones reused last-in first-out; one idle for
+  ``keepalive`` seconds or more is closed when next found instead of reused); a request beyond the limit
+  waits for a connection (in arrival order, though a newcomer may take a connection freed meanwhile).
 - **Request**: the head and the body in one write, with ``Host`` and (for a body or POST/PUT/PATCH) a
   ``Content-Length``; nothing else is added (no ``Accept``, ``User-Agent`` or ``Accept-Encoding``).
 - **Answer**: ``send`` returns once the status line and headers arrived; the body is read with
   ``readany`` as it comes, de-chunked, never decompressed. Reading pauses the socket while more than
   ``BUFFER_HIGH`` bytes wait unread. Informational (1xx) answers are skipped; a HEAD answer has no body.
 - **Timeouts**: ``connect`` (TCP and TLS handshake), ``read`` (the longest silence while waiting for the
-  answer, reset by every read, as aiohttp's ``sock_read``), ``total`` (0: none).
+  answer, reset by every read, as aiohttp's ``sock_read``; not while the reader is behind), ``total`` (0:
+  none). One watchdog timer per pool checks the requests in progress every ``WATCHDOG_TICK`` seconds (or a
+  quarter of the shortest timeout), so a read or total timeout fires up to that late; no timer per request.
 - **Failures** raise ``UpstreamError`` subclasses whose ``error`` is the class the proxy reports.
 - **Bounds**: the status line and headers of an answer at most ``MAX_HEAD_BYTES``, at most
   ``MAX_HEADERS`` fields (``bad_response`` beyond).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import socket
 import ssl
 from typing import Any, cast
@@ -37,6 +41,7 @@ BUFFER_HIGH = 256 * 1024  # unread body bytes above which the socket stops being
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 256
 KEEPALIVE = 15.0  # seconds an idle connection is kept (aiohttp's default)
+WATCHDOG_TICK = 1.0  # timeouts are checked this often (or a quarter of the shortest timeout): that late at most
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -179,8 +184,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._until_eof = False  # a body without length or chunking: it ends when the connection does
         self._last_read = 0.0
-        self._read_timer: asyncio.TimerHandle | None = None
-        self._total_timer: asyncio.TimerHandle | None = None
+        self._total_deadline = math.inf
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -190,8 +194,8 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        if self._parser is None:  # bytes nobody asked for (or after the answer): the connection is unusable
-            self.abort()
+        if self._parser is None or (self._head is None and self._response is None):
+            self.abort()  # bytes nobody asked for (an idle connection): it is unusable
             return
         self._last_read = self.pool.loop.time()
         if self._head is not None:
@@ -219,7 +223,7 @@ class _Connection(asyncio.Protocol):
                 self._finish()
             else:
                 self._fail(PayloadError("the upstream closed the connection before the end of the body"))
-        self._stop_timers()
+        self.pool.unwatch(self)
 
     # httptools callbacks
     def on_status(self, reason: bytes) -> None:
@@ -264,23 +268,22 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._response is None:  # the end of a 1xx answer
             return
-        self._parser = None
-        self._finish()
+        self._finish()  # the parser stays: llhttp starts over for the next answer on this connection
 
     # the pool's side
     def start(self, method: str, data: list[bytes], total: float) -> asyncio.Future[Response]:
         """Send a request; the future has the answer once its head arrived."""
         assert self.transport is not None
-        loop = self.pool.loop
-        self._parser = httptools.HttpResponseParser(self)
+        pool = self.pool
+        if self._parser is None:
+            self._parser = httptools.HttpResponseParser(self)
         self._method = method
         self._status, self._reason, self._headers, self._head_bytes, self._head_received = 0, "", [], 0, 0
         self._until_eof = False
-        self._head = head = loop.create_future()
-        self._last_read = loop.time()
-        self._read_timer = loop.call_at(self._last_read + self.pool.read_timeout, self._check_read)
-        if total > 0:
-            self._total_timer = loop.call_at(self._last_read + total, self._on_total)
+        self._head = head = pool.loop.create_future()
+        self._last_read = now = pool.loop.time()
+        self._total_deadline = now + total if total > 0 else math.inf
+        pool.watch(self)
         self.transport.writelines(data)
         return head
 
@@ -297,33 +300,19 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
         self.closed = True
 
-    def _check_read(self) -> None:
-        self._read_timer = None
-        if self._head is None and self._response is None:
-            return
-        deadline = self._last_read + self.pool.read_timeout
-        if self.paused or self.pool.loop.time() < deadline:  # read since: wait for the rest
-            if self.paused:
-                deadline = self.pool.loop.time() + self.pool.read_timeout
-            self._read_timer = self.pool.loop.call_at(deadline, self._check_read)
-            return
-        self._fail(ReadTimeout(f"no data from the upstream for {self.pool.read_timeout:g} s"))
-
-    def _on_total(self) -> None:
-        self._total_timer = None
-        self._fail(TotalTimeout("the upstream request exceeded its total timeout"))
-
-    def _stop_timers(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
-        if self._total_timer is not None:
-            self._total_timer.cancel()
-            self._total_timer = None
+    def expired(self, now: float) -> UpstreamError | None:
+        """The timeout this request has passed at ``now``, if any (the pool's watchdog asks)."""
+        if self.paused:  # the reader is behind, not the upstream: silence does not count
+            self._last_read = now
+        elif now >= self._last_read + self.pool.read_timeout:
+            return ReadTimeout(f"no data from the upstream for {self.pool.read_timeout:g} s")
+        if now >= self._total_deadline:
+            return TotalTimeout("the upstream request exceeded its total timeout")
+        return None
 
     def _finish(self) -> None:
         """The answer ended well: the body's end goes to the reader, the connection back to the pool."""
-        self._stop_timers()
+        self.pool.unwatch(self)
         response, self._response = self._response, None
         if response is not None:
             response._end()
@@ -335,7 +324,7 @@ class _Connection(asyncio.Protocol):
             self.abort()
 
     def _fail(self, error: UpstreamError) -> None:
-        self._stop_timers()
+        self.pool.unwatch(self)
         head, self._head = self._head, None
         if head is not None and not head.done():
             head.set_exception(error)
@@ -374,6 +363,12 @@ class Pool:
         self._idle: list[_Connection] = []
         self._open = 0  # connections open or being opened
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Requests in progress, checked for their timeouts by one watchdog timer per pool rather than two
+        # timers per request (a uvloop timer is a libuv handle: allocated, started, stopped, freed).
+        self._busy: set[_Connection] = set()
+        self._watchdog: asyncio.TimerHandle | None = None
+        timeouts = [read_timeout, *([total_timeout] if total_timeout > 0 else [])]
+        self.tick = min(WATCHDOG_TICK, min(timeouts) / 4)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -397,12 +392,11 @@ class Pool:
             self._loop = asyncio.get_running_loop()
         if self._closed:
             raise ConnectError("the upstream's client is closed")
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.authority}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-        if body or method in _BODY_METHODS:
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("utf-8", "surrogateescape")
+        fields = "\r\n".join(map(": ".join, headers))  # C loops: a tuple of two strings joins as "name: value"
+        length = f"Content-Length: {len(body)}\r\n" if body or method in _BODY_METHODS else ""
+        sep = "\r\n" if fields else ""
+        text = f"{method} {target} HTTP/1.1\r\nHost: {self.authority}\r\n{fields}{sep}{length}\r\n"
+        head = text.encode("utf-8", "surrogateescape")
         data = [head, body] if body else [head]
         conn = await self._acquire()
         try:
@@ -459,6 +453,24 @@ class Pool:
             raise ConnectError(f"cannot connect to {self.authority}: {exc.strerror or exc}") from exc
         return conn
 
+    def watch(self, conn: _Connection) -> None:
+        self._busy.add(conn)
+        if self._watchdog is None:
+            self._watchdog = self.loop.call_later(self.tick, self._check_timeouts)
+
+    def unwatch(self, conn: _Connection) -> None:
+        self._busy.discard(conn)
+
+    def _check_timeouts(self) -> None:
+        self._watchdog = None
+        now = self.loop.time()
+        for conn in list(self._busy):
+            error = conn.expired(now)
+            if error is not None:
+                conn._fail(error)
+        if self._busy:
+            self._watchdog = self.loop.call_later(self.tick, self._check_timeouts)
+
     def put_back(self, conn: _Connection) -> None:
         """An answer ended on a reusable connection: idle, or straight to a waiting request."""
         if self._closed:
@@ -485,6 +497,9 @@ class Pool:
     async def close(self) -> None:
         """Close every idle connection; answers in progress end with their own connection."""
         self._closed = True
+        if self._watchdog is not None and not self._busy:
+            self._watchdog.cancel()
+            self._watchdog = None
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.abort()
