@@ -11,6 +11,7 @@ not all of them, until a probe finds it answering again.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,17 +29,18 @@ from .upstream import Upstream
 CostOf = Callable[[ArmCapture, bytes], float | None]
 # Costing a larger answer (parse, tokenizer) runs in a thread rather than between live requests.
 COST_INLINE_BYTES = 32 * 1024
+SLOW_TICK = 0.25  # seconds between looks for slow mirrors (or a quarter of slow_floor or slow_after)
 
 log = structlog.get_logger("shadow_proxy.shadow")
 
 
 @dataclass(slots=True, eq=False)
 class _Flight:
-    """One running mirror: its capture, its task, its slow timer; ``judged`` once the breaker has its outcome."""
+    """One running mirror: its capture, its task, when it becomes slow; ``judged`` once the breaker has its outcome."""
 
     arm: ArmCapture
     task: asyncio.Task[None] | None = None
-    timer: asyncio.TimerHandle | None = None
+    slow_at: float = math.inf
     judged: bool = False
 
     @property
@@ -94,6 +96,10 @@ class ShadowDispatcher:
             if self._breaker is not None and self._slow_after > 0
             else None
         )
+        # One watchdog timer per target finds the mirrors that became slow (a timer per mirror is a libuv handle
+        # allocated, started and stopped each time): a mirror is found slow up to ``_tick`` late.
+        self._tick = max(0.01, min(SLOW_TICK, config.slow_floor / 4, self._slow_after / 4))
+        self._watchdog: asyncio.TimerHandle | None = None
         self._gauge = metrics.mirrors_in_flight.labels(target)
         self._state_gauge = metrics.mirror_breaker_state.labels(target)
         self._state_gauge.set(0)
@@ -149,15 +155,27 @@ class ShadowDispatcher:
         if self._breaker is not None and self._slow is not None:
             # A probe waits the whole slow_after: the target's latency may have changed while it was ejected.
             after = self._slow_after if self._breaker.probing else self._slow.value
-            flight.timer = loop.call_later(after, self._on_slow, flight)
+            flight.slow_at = arm.start + after
+            if self._watchdog is None:
+                self._watchdog = loop.call_later(self._tick, self._find_slow)
         self._metrics.child(self._metrics.mirrors_sent, self.target).inc()
         self._gauge.inc()
         return arm
 
     def _forget(self, task: asyncio.Task[None]) -> None:
-        flight = self._flights.pop(task, None)
-        if flight is not None and flight.timer is not None:
-            flight.timer.cancel()
+        self._flights.pop(task, None)
+
+    def _find_slow(self) -> None:
+        """The watchdog: each mirror whose slow threshold has passed is judged (once), then it looks again later
+        while mirrors run."""
+        self._watchdog = None
+        at = now()
+        for flight in list(self._flights.values()):
+            if flight.slow_at <= at:
+                flight.slow_at = math.inf
+                self._on_slow(flight)
+        if self._flights and self._loop is not None:
+            self._watchdog = self._loop.call_later(self._tick, self._find_slow)
 
     async def _mirror(
         self, exchange: Exchange, flight: _Flight, raw_path_qs: str, headers: list[tuple[str, str]]
@@ -219,7 +237,6 @@ class ShadowDispatcher:
     def _on_slow(self, flight: _Flight) -> None:
         """The slow threshold passed since the mirror started: without headers yet it is a breaker failure,
         and while the target is ejected it gives its slot back at once."""
-        flight.timer = None
         if not flight.waiting or flight.judged:
             return
         self._metrics.mirrors_slow.labels(self.target).inc()
@@ -259,7 +276,7 @@ class ShadowDispatcher:
             failures=self._breaker.failures,
         )
         # Mirrors already found slow would hold their slots until the read timeout: give them back now.
-        # Younger ones follow when their own slow timer fires.
+        # Younger ones follow when the watchdog finds them slow.
         for other in list(self._flights.values()):
             if other.judged and other.waiting:
                 self._eject(other)
