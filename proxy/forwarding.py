@@ -155,9 +155,8 @@ class Forwarder:
             request_id_header=self.request_id_header,
             request_id=request_id,
         )
-        self._mirror(exchange, raw_target, headers, arm.mirrors)
         try:
-            response = await self._relay(request, exchange, raw_target, headers, arm.upstream)
+            response = await self._relay(request, exchange, raw_target, headers, arm)
             if not response.prepared:
                 self._label(response, arm.upstream, record_id)
             return response
@@ -247,19 +246,25 @@ class Forwarder:
         exchange: Exchange,
         raw_target: str,
         headers: list[tuple[str, str]],
-        upstream: Upstream,
+        arm: ServingArm,
     ) -> web.StreamResponse:
         live = exchange.live
         assert live is not None
+        upstream = arm.upstream
         live.start = now()
         upstream_response: Response | None = None
-        body = exchange.body
+        body, sent_headers = exchange.body, headers
         if not upstream.shaping.idle:
             shaped = upstream.shaping.apply(body, headers)
-            body, headers, live.model = shaped.body, shaped.headers, shaped.model
+            body, sent_headers, live.model = shaped.body, shaped.headers, shaped.model
         try:
             try:
-                upstream_response = await upstream.send(request.method, raw_target, headers, body)
+                # The live request is written first; the mirrors start while the incumbent works on it.
+                pending = upstream.begin(request.method, raw_target, sent_headers, body)
+                try:
+                    self._mirror(exchange, raw_target, headers, arm.mirrors)
+                finally:
+                    upstream_response = await pending
             except SEND_ERRORS as exc:
                 return self._failed(exchange, classify(exc))
             live.on_headers(upstream_response.status, upstream_response.headers, now())

@@ -33,6 +33,7 @@ import collections
 import math
 import socket
 import ssl
+from collections.abc import Coroutine
 from typing import Any, cast
 
 import httptools
@@ -334,6 +335,29 @@ class _Connection(asyncio.Protocol):
         self.abort()
 
 
+def _request_bytes(
+    method: str, target: str, authority: str, headers: list[tuple[str, str]], body: bytes
+) -> list[bytes]:
+    """The request as written: head (Host, the headers, Content-Length when there is a body or the method has
+    one) and body."""
+    fields = "\r\n".join(map(": ".join, headers))  # C loops: a tuple of two strings joins as "name: value"
+    length = f"Content-Length: {len(body)}\r\n" if body or method in _BODY_METHODS else ""
+    sep = "\r\n" if fields else ""
+    head = f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n{fields}{sep}{length}\r\n".encode(
+        "utf-8", "surrogateescape"
+    )
+    return [head, body] if body else [head]
+
+
+async def _head(conn: _Connection, head: asyncio.Future[Response]) -> Response:
+    """The answer's head; a request cancelled or failed before it spoils its connection, which is closed."""
+    try:
+        return await head
+    except BaseException:
+        conn.abort()
+        raise
+
+
 class Pool:
     """The connections to one origin, at most ``limit`` of them, with the request's timeouts."""
 
@@ -392,27 +416,38 @@ class Pool:
             self._loop = asyncio.get_running_loop()
         if self._closed:
             raise ConnectError("the upstream's client is closed")
-        fields = "\r\n".join(map(": ".join, headers))  # C loops: a tuple of two strings joins as "name: value"
-        length = f"Content-Length: {len(body)}\r\n" if body or method in _BODY_METHODS else ""
-        sep = "\r\n" if fields else ""
-        text = f"{method} {target} HTTP/1.1\r\nHost: {self.authority}\r\n{fields}{sep}{length}\r\n"
-        head = text.encode("utf-8", "surrogateescape")
-        data = [head, body] if body else [head]
+        data = _request_bytes(method, target, self.authority, headers, body)
         conn = await self._acquire()
-        try:
-            return await conn.start(method, data, self.total_timeout)
-        except BaseException:
-            conn.abort()  # cancelled or failed while waiting for the head: the connection is spoiled
-            raise
+        return await _head(conn, conn.start(method, data, self.total_timeout))
 
-    async def _acquire(self) -> _Connection:
-        now = self.loop.time()
+    def begin(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+    ) -> Coroutine[Any, Any, Response]:
+        """``send``, with the request written before this returns when a connection is idle (the usual case):
+        the caller can do other work while the upstream answers, then await the answer's head."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        conn = None if self._closed else self._idle_connection(self.loop.time())
+        if conn is None:
+            return self.send(method, target, headers, body)
+        data = _request_bytes(method, target, self.authority, headers, body)
+        return _head(conn, conn.start(method, data, self.total_timeout))
+
+    def _idle_connection(self, now: float) -> _Connection | None:
+        """The most recently used idle connection that is still open and fresh (stale ones are closed)."""
         idle = self._idle
         while idle:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < self.keepalive:
                 return conn
             conn.abort()
+        return None
+
+    async def _acquire(self) -> _Connection:
+        idle = self._idle
+        conn = self._idle_connection(self.loop.time())
+        if conn is not None:
+            return conn
         while self._open >= self.limit:
             waiter = self.loop.create_future()
             self._waiters.append(waiter)

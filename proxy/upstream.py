@@ -7,7 +7,9 @@ field) and an HTTP status for the live path, in ``classify`` and nowhere else.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from yarl import URL
 
@@ -76,6 +78,12 @@ class Upstream:
     def url(self, raw_path_qs: str) -> URL:
         """The upstream URL for a request target, path and query kept byte for byte."""
         return URL(self.origin + self._prefix + raw_path_qs, encoded=True)
+
+    def begin(
+        self, method: str, raw_path_qs: str, headers: list[tuple[str, str]], body: bytes
+    ) -> Coroutine[Any, Any, Response]:
+        """``send``, written at once when a connection is idle: await the result for the answer's head."""
+        return self._pool.begin(method, self._prefix + raw_path_qs, headers, body)
 
     async def send(self, method: str, raw_path_qs: str, headers: list[tuple[str, str]], body: bytes) -> Response:
         """Send a request and return the response once its headers arrived; the caller reads and releases it.
