@@ -134,7 +134,7 @@ class GuardedRunner(web.AppRunner):
 class GuardedHandler(RequestHandler):
     """aiohttp's connection protocol with the watchdog, the connection cap and JSON protocol errors."""
 
-    __slots__ = ("_guard", "_phase", "_timer", "_deadline", "_since", "_received", "_payload", "_refused")
+    __slots__ = ("_guard", "_phase", "_timer", "_deadline", "_since", "_received", "_payload", "_refused", "_spoke")
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -146,6 +146,7 @@ class GuardedHandler(RequestHandler):
         self._received = 0
         self._payload: StreamReader | None = None
         self._refused: asyncio.Transport | None = None
+        self._spoke = False  # any byte received on this connection yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
@@ -182,6 +183,7 @@ class GuardedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._refused is not None:
             return
+        self._spoke = True
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:
@@ -254,6 +256,13 @@ class GuardedHandler(RequestHandler):
 
     def _headers_too_slow(self) -> None:
         limits = self._guard.limits
+        if not self._spoke:
+            # Opened and never used (a client's spare pooled connection): closed without a word, like an idle
+            # keep-alive connection. A 408 here could cross a request the client sends at that moment on this
+            # connection, which would then read the 408 as its own answer.
+            self._guard.metrics.connections_closed.labels("idle_timeout").inc()
+            self.force_close()
+            return
         self._guard.metrics.connections_closed.labels("header_timeout").inc()
         self._guard.warnings.warning("connection_closed", "header_timeout", limit=limits.header_timeout)
         message = f"request headers not complete within {limits.header_timeout:g} s"

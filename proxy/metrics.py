@@ -55,7 +55,7 @@ class Metrics:
         )
         self.connections_closed = Counter(
             "shadow_proxy_connections_closed",
-            "Client connections the proxy closed itself, by reason (max_connections, header_timeout).",
+            "Client connections the proxy closed itself, by reason (max_connections, header_timeout, idle_timeout).",
             ["reason"],
             registry=r,
         )

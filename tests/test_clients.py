@@ -137,6 +137,20 @@ async def test_a_body_that_keeps_coming_is_not_cut(upstreams, proxies) -> None:
             assert (await resp.json())["bytes"] == 65536
 
 
+async def test_a_connection_that_never_sends_is_closed_without_a_408(upstreams, proxies) -> None:
+    """A connection opened and never used is closed at the header timeout without an answer (a client may be
+    sending on it at that moment and would read a 408 as its own answer), counted as idle_timeout."""
+    incumbent = await upstreams(echo)
+    proxy = await proxies(incumbent={"url": incumbent.url}, record={"enabled": False}, limits={"header_timeout": 0.3})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    async with asyncio.timeout(10):
+        assert await reader.read() == b""  # closed, nothing written
+    writer.close()
+    metrics = proxy.runtime.metrics
+    assert metrics.value("shadow_proxy_connections_closed_total", reason="idle_timeout") == 1
+    assert metrics.value("shadow_proxy_connections_closed_total", reason="header_timeout") == 0
+
+
 async def test_an_idle_keep_alive_connection_is_not_a_slow_header(upstreams, proxies) -> None:
     """The header timeout runs from a request's first byte: a kept-alive connection idle longer still works."""
     incumbent = await upstreams(echo)
