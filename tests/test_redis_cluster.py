@@ -16,7 +16,7 @@ import redis
 from proxy.canary.state import CanaryState, Transition
 from proxy.redis import FEEDBACK_DUPLICATE, FEEDBACK_STORED, AggregateReader, CanaryStore, Clients, Keys, RecordWriter
 from proxy.redis.canary import Subscription
-from proxy.redis.client import StoreUnavailable, connect
+from proxy.redis.client import REPLICA_WAIT_MS, StoreUnavailable, connect
 from proxy.redis.consumer import RecordConsumer
 
 from .cluster import LocalCluster, Node
@@ -65,6 +65,31 @@ async def test_records_are_appended_numbered_marked_and_replicated(redis_cluster
                 assert [int(fields[b"seq"]) for _, fields in entries] == list(range(1, 61))
                 assert plain.get(KEYS.served("r3")) == b"incumbent"
                 assert plain.get(KEYS.served("r55")) == b"candidate"
+    finally:
+        await clients.close()
+
+
+async def test_a_batch_waits_for_the_replica_and_stands_without_it(redis_cluster: LocalCluster, cluster_url) -> None:
+    """With the slot's replica frozen (DEBUG SLEEP), a batch is answered after the WAIT timeout, not before,
+    and is stored all the same; once the replica is back, batches are quick again."""
+    clients = Clients(cluster_url, socket_timeout=5)
+    writer = RecordWriter(clients.get("records"), KEYS, maxlen=1000)
+    replica = redis_cluster.replicas_of(redis_cluster.master_of(KEYS.records))[0]
+    try:
+        await writer.append([_fields(0)])
+        with replica.client() as frozen:
+            sleeping = asyncio.create_task(asyncio.to_thread(frozen.execute_command, "DEBUG", "SLEEP", 1.5))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            await writer.append([_fields(1)])
+            waited = time.monotonic() - started
+            await sleeping
+        assert REPLICA_WAIT_MS / 1000 * 0.9 <= waited < 1.4
+        started = time.monotonic()
+        await writer.append([_fields(2)])
+        assert time.monotonic() - started < REPLICA_WAIT_MS / 1000 / 2
+        with _master_client(redis_cluster) as plain:
+            assert plain.xlen(KEYS.records) == 3
     finally:
         await clients.close()
 

@@ -124,23 +124,30 @@ async def _done() -> None:
     return None
 
 
-REPLICA_WAIT_MS = 1000  # how long a cluster write waits for its replica's acknowledgement (WAIT)
+REPLICA_WAIT_MS = 500  # how long a cluster write waits for its replica's acknowledgement (WAIT)
 
 
-async def wait_for_replica(pipe: Any, key: str) -> None:
-    """On a cluster, end the pipeline with ``WAIT 1``, sent to the master serving ``key``'s slot.
+async def wait_for_replica(pipe: Any, key: str) -> bool:
+    """On a cluster whose master for ``key`` has a replica, end the pipeline with ``WAIT 1``; True if queued.
 
     Replication is asynchronous: a master killed right after answering may take its last writes
     with it, and the replica promoted in its place never had them. With WAIT the pipeline's answer
     comes once one replica has them too (or after REPLICA_WAIT_MS, when none acknowledged: the
-    writes stand, unprotected). A no-op on one server. Must be queued after the writes it covers.
+    writes stand, unprotected, and the caller should ``forget_topology`` so that a replica that
+    failed is dropped from the client's map). Not queued on one server, nor when the map lists no
+    replica (a master just promoted): WAIT would then only add REPLICA_WAIT_MS to every batch.
+    Must be queued after the writes it covers.
     """
-    if isinstance(pipe, ClusterPipeline):
-        with translated():
-            cluster = pipe.cluster_client
-            await cluster.initialize()  # no I/O unless the slot map was dropped
-            node = cluster.get_node_from_key(key)
-        pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=node)
+    if not isinstance(pipe, ClusterPipeline):
+        return False
+    with translated():
+        cluster = pipe.cluster_client
+        await cluster.initialize()  # no I/O unless the slot map was dropped
+        nodes = cluster.nodes_manager.slots_cache.get(cluster.keyslot(key), [])
+    if len(nodes) < 2:
+        return False
+    pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=nodes[0])
+    return True
 
 
 async def scan(client: Client, match: str, *, slot_of: str) -> list[bytes]:

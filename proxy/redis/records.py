@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .client import Client, execute, ping, queue_script, translated, wait_for_replica
+from .client import Client, execute, forget_topology, ping, queue_script, translated, wait_for_replica
 from .keys import Keys
 
 # KEYS: records stream, seq counter. ARGV: maxlen, then per record its field-pair count n and 2n values.
@@ -58,9 +58,11 @@ class RecordWriter:
                 # Feedback compares the two arms of the canary: the incumbent and the candidate it promotes.
                 arm = b"incumbent" if fields[b"served_by"] == b"incumbent" else b"candidate"
                 pipe.set(served, arm, ex=self._served_ttl)
-        await wait_for_replica(pipe, self.keys.records)
+        waited = await wait_for_replica(pipe, self.keys.records)
         with translated():
-            await execute(pipe)
+            replies = await execute(pipe)
+        if waited and not replies[-1]:
+            await forget_topology(self._redis)  # no replica acknowledged: read which ones are alive
 
     async def sync_spend(
         self, candidate: str, added: dict[int, float], minutes: Sequence[int], ttl: int
