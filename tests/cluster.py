@@ -181,6 +181,16 @@ class LocalCluster:
                     return self.by_port(int(master[1]))
         raise LookupError(key)
 
+    def wait_failover(self, key: str, dead: Node, timeout: float = 30.0) -> Node:
+        """Until a replica of the dead master serves the key's slot and the cluster is ok again; the new master."""
+        deadline = time.monotonic() + timeout
+        while (master := self.master_of(key)) is dead:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica took over from {dead.name} within {timeout:.0f} s")
+            time.sleep(0.05)
+        self.wait_ok(max(1.0, deadline - time.monotonic()))
+        return master
+
     def replicas_of(self, master: Node) -> list[Node]:
         with master.client() as client:
             node_id = client.execute_command("CLUSTER", "MYID")
