@@ -18,6 +18,7 @@ from proxy.redis import FEEDBACK_DUPLICATE, FEEDBACK_STORED, AggregateReader, Ca
 from proxy.redis.canary import Subscription
 from proxy.redis.client import REPLICA_WAIT_MS, StoreUnavailable, connect
 from proxy.redis.consumer import RecordConsumer
+from proxy.redis.records import read_records
 
 from .cluster import LocalCluster, Node
 
@@ -55,6 +56,8 @@ async def test_records_are_appended_numbered_marked_and_replicated(redis_cluster
         totals = await writer.sync_spend("cand", {100: 1.5, 101: 2.0}, [99, 100, 101], ttl=60)
         assert totals == {100: 1.5, 101: 2.0}
         assert await writer.ping() == (True, "ok")
+        last = await read_records(clients.get("control"), KEYS, last=5, since=None)  # what `replay` reads
+        assert [fields[b"request_id"] for _, fields in last] == [f"r{i}".encode() for i in range(55, 60)]
         master = redis_cluster.master_of(KEYS.records)
         replica = redis_cluster.replicas_of(master)[0]
         for node in (master, replica):
