@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from proxy.tools.embedded_redis import find_redis_server
+from proxy.tools.embedded_redis import _die_with_parent, find_redis_server
 
 NODE_TIMEOUT_MS = 1000  # how long a master may be silent before its replica takes over
 
@@ -77,7 +77,10 @@ class Node:
             "--save",
             "",
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Stopped by the kernel if the test process dies without tearing the cluster down.
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
 
     def kill(self) -> None:
         """SIGKILL: the node vanishes as a crashed machine would."""
