@@ -269,6 +269,39 @@ class ShadowConfig(_Section):
         return tuple(m.upper() for m in value)
 
 
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def is_cluster_url(url: str) -> bool:
+    """A Redis Cluster URL: ``redis+cluster://`` (or ``rediss+cluster://`` for TLS)."""
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+def cluster_nodes(url: str) -> tuple[tuple[str, int], ...]:
+    """The seed nodes of ``redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...][/0]``; ValueError if malformed.
+
+    Any one reachable seed is enough: the client reads the whole topology (CLUSTER SLOTS) from it.
+    """
+    rest = url.split("://", 1)[1].rsplit("@", 1)[-1]
+    if "?" in rest or "#" in rest:
+        raise ValueError(
+            "a redis+cluster:// URL takes no query or fragment: write redis+cluster://HOST:PORT[,HOST:PORT]"
+        )
+    hosts, _, path = rest.partition("/")
+    if path not in ("", "0"):
+        raise ValueError("Redis Cluster has only database 0: drop the /DB part of the URL")
+    nodes = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"expected redis+cluster://HOST:PORT[,HOST:PORT...], one or more seed nodes (got {item.strip()!r})"
+            )
+        nodes.append((host, int(port)))
+    return tuple(nodes)
+
+
 class RecordConfig(_Section):
     enabled: bool = True
     redis_url: str = ""
@@ -297,8 +330,13 @@ class RecordConfig(_Section):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if value and not re.match(r"^(rediss?|unix)://", value):
-            raise ValueError("expected redis://HOST:PORT/DB, rediss:// or unix:// (empty starts an embedded Redis)")
+        if is_cluster_url(value):
+            cluster_nodes(value)  # raises ValueError naming what is wrong
+        elif value and not re.match(r"^(rediss?|unix)://", value):
+            raise ValueError(
+                "expected redis://HOST:PORT/DB, rediss://, unix://, or redis+cluster://HOST:PORT[,HOST:PORT...] "
+                "for a Redis Cluster (empty starts an embedded Redis)"
+            )
         return value
 
 
@@ -627,6 +665,8 @@ def _describe(error: Any, sources: str) -> str:
     # Header values may hold credentials: never echo them.
     secret = error["loc"][-1] in SECRET_KEYS or "set_headers" in error["loc"]
     shown = MASK if secret else repr(error.get("input"))
+    if error["loc"][-1] == "redis_url":  # a URL may hold a password: show it masked
+        shown = repr(re.sub(r"//([^@/]*):([^@/]*)@", r"//\1:" + MASK + "@", str(error.get("input"))))
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"invalid config key {loc} = {shown}: {message} (fix it in {sources})"
 

@@ -21,6 +21,8 @@ from proxy.config import Config, load_config
 from proxy.server import ProxyServer
 from proxy.tools.embedded_redis import EmbeddedRedis
 
+from .cluster import LocalCluster
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -40,6 +42,22 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One real Redis Cluster for the session (three masters, one replica each), started on first use."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: LocalCluster) -> str:
+    """The session cluster's ``redis+cluster://`` URL, every master flushed before each test."""
+    redis_cluster.wait_ok()
+    redis_cluster.flush()
+    return redis_cluster.url
 
 
 @pytest.fixture

@@ -368,3 +368,34 @@ def test_secrets_come_from_the_environment_or_a_file_and_are_masked(tmp_path: Pa
     assert "file-token-123" not in result.stdout and "env-secret-456" not in result.stdout
     with pytest.raises(ConfigError, match="environment variable NOPE is not set"):
         load_config(None, environ={}, overrides={"admin": {"token": "${NOPE}"}})
+
+
+def test_a_redis_cluster_url_lists_its_seed_nodes() -> None:
+    """redis+cluster:// (rediss+cluster:// with TLS) takes one or more HOST:PORT seeds, a password masked."""
+    for url in (
+        "redis+cluster://10.0.0.1:7000",
+        "redis+cluster://10.0.0.1:7000,10.0.0.2:7000,[::1]:7001/0",
+        "rediss+cluster://u:pw@h:7000",
+    ):
+        assert load_config(None, environ={}, overrides={"record": {"redis_url": url}}).record.redis_url == url
+    config = load_config(None, environ={"REDIS_URL": "rediss+cluster://u:pw@h:7000,h2:7000"})
+    assert masked(config)["record"]["redis_url"] == "rediss+cluster://u:***@h:7000,h2:7000"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis+cluster://h:7000/3", "Redis Cluster has only database 0: drop the /DB part of the URL"),
+        ("redis+cluster://h:7000,h2", "expected redis+cluster://HOST:PORT[,HOST:PORT...], one or more seed nodes"),
+        ("redis+cluster://h:7000?ssl=true", "takes no query or fragment"),
+        ("cluster://h:7000", "or redis+cluster://HOST:PORT[,HOST:PORT...] for a Redis Cluster"),
+    ],
+)
+def test_a_malformed_cluster_url_exits_2_naming_the_key_and_the_fix(tmp_path: Path, url: str, expected: str) -> None:
+    """One line naming record.redis_url, what is wrong and the expected form; a password is never echoed."""
+    password_url = url.replace("//", "//user:s3cret@", 1)
+    result = _cli("check-config", str(_write(tmp_path, f'[record]\nredis_url = "{password_url}"\n')))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "invalid config key record.redis_url" in result.stderr and expected in result.stderr
+    assert "s3cret" not in result.stderr

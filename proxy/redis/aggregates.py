@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from ..comparator.report_model import Report
-from .client import execute, translated
+from .client import Client, execute, queue_script, scan, translated
 from .consumer import backlog
 from .keys import Keys
 
@@ -98,7 +97,7 @@ class Limits:
 class AggregateWriter:
     """Adds a batch's contributions to the per-(window, segment) aggregates, idempotently."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, *, limits: Limits) -> None:
+    def __init__(self, client: Client, keys: Keys, *, limits: Limits) -> None:
         self.keys = keys
         self._redis = client
         self._limits = limits
@@ -148,7 +147,7 @@ class AggregateWriter:
                 items[0].segment.json(),
                 orjson.dumps({"totals": totals, "records": records}),
             ]
-            await self._apply(keys=keys, args=args, client=pipe)
+            await queue_script(pipe, self._apply, keys, args)
         with translated():
             results = await execute(pipe)
         return sum(int(r) for r in results)
@@ -177,7 +176,7 @@ class WindowData:
 class AggregateReader:
     """Reads aggregates over a time range for reports and verdicts, and stores the latest verdict."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, client: Client, keys: Keys) -> None:
         self.keys = keys
         self._redis = client
 
@@ -236,8 +235,8 @@ class AggregateReader:
             await self._redis.set(self.keys.verdict, orjson.dumps(report), ex=ttl)
 
     async def workers(self) -> list[dict[str, Any]]:
+        keys = await scan(self._redis, self.keys.worker("*"), slot_of=self.keys.records)
         with translated():
-            keys = [k async for k in self._redis.scan_iter(match=self.keys.worker("*"), count=100)]
             values = await self._redis.mget(keys) if keys else []
         return [orjson.loads(v) for v in values if v]
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from ..canary.state import CanaryState, Transition
-from .client import translated
+from .client import Client, StoreUnavailable, forget_topology, translated
 from .keys import Keys
 
 # KEYS: state, events. ARGV: expected version, new state json, event json, events maxlen, channel.
@@ -78,7 +79,7 @@ FEEDBACK_STORED, FEEDBACK_UNKNOWN, FEEDBACK_DUPLICATE = 1, 0, 2
 class CanaryStore:
     """State, events and lease of one deployment's canary."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, *, events_maxlen: int = 10_000) -> None:
+    def __init__(self, client: Client, keys: Keys, *, events_maxlen: int = 10_000) -> None:
         self.keys = keys
         self._redis = client
         self._events_maxlen = events_maxlen
@@ -163,20 +164,30 @@ class CanaryStore:
 
 
 class Subscription:
-    """A pub/sub subscription whose errors are ``StoreUnavailable`` like every other command's."""
+    """A pub/sub subscription whose errors are ``StoreUnavailable`` like every other command's.
 
-    def __init__(self, client: aioredis.Redis, channel: str) -> None:
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+    On a cluster, redis-py's ``ClusterPubSub`` subscribes on the node that serves the channel's slot
+    (on Redis 6.2 ``PUBLISH`` reaches every node, so any node would do). It reads that node from the
+    client's slot map without refreshing it, so the map is loaded before subscribing and dropped after
+    a failure: the next subscription then finds the promoted replica instead of the dead master.
+    """
+
+    def __init__(self, client: Client, channel: str) -> None:
+        self._client = client
+        self._pubsub: Any = None
         self._channel = channel
 
     async def __aenter__(self) -> Subscription:
-        with translated():
+        async with _refreshing(self._client):
+            if isinstance(self._client, RedisCluster):
+                await self._client.initialize()  # no I/O unless the slot map was dropped
+            self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             await self._pubsub.subscribe(self._channel)
         return self
 
     async def message(self, wait: float) -> bytes | None:
         """The next published payload, or None when none came within ``wait`` seconds."""
-        with translated():
+        async with _refreshing(self._client):
             message = await self._pubsub.get_message(timeout=wait)
         if message is not None and message.get("type") == "message":
             return bytes(message["data"])
@@ -185,5 +196,18 @@ class Subscription:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        with contextlib.suppress(Exception):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _refreshing(client: Client) -> AsyncIterator[None]:
+    """``translated``, and a cluster client's slot map dropped when the failure may mean it is stale."""
+    try:
+        with translated():
+            yield
+    except StoreUnavailable as exc:
+        if exc.kind in ("connection", "timeout", "cluster"):
+            await forget_topology(client)
+        raise

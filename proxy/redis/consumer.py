@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
-from .client import StoreUnavailable, execute, translated
+from .client import Client, StoreUnavailable, execute, translated
 from .keys import Keys
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -63,9 +62,7 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
 class RecordConsumer:
     """Reads, reclaims, acknowledges and dead-letters entries of the records stream for one consumer."""
 
-    def __init__(
-        self, client: aioredis.Redis, keys: Keys, *, group: str, consumer: str, dead_letter_maxlen: int
-    ) -> None:
+    def __init__(self, client: Client, keys: Keys, *, group: str, consumer: str, dead_letter_maxlen: int) -> None:
         self.keys = keys
         self.group = group
         self.consumer = consumer
@@ -179,7 +176,7 @@ class RecordConsumer:
         return int(info["pending"]) if info else 0
 
 
-async def backlog(client: aioredis.Redis, keys: Keys, group: str) -> dict[str, int | None]:
+async def backlog(client: Client, keys: Keys, group: str) -> dict[str, int | None]:
     """The group's lag (entries added, not yet delivered), pending (delivered, not acked) and losses."""
     pipe = client.pipeline(transaction=False)
     pipe.get(keys.records_seq)

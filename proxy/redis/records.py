@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from .client import execute, translated
+from .client import Client, execute, forget_topology, ping, queue_script, translated, wait_for_replica
 from .keys import Keys
 
 # KEYS: records stream, seq counter. ARGV: maxlen, then per record its field-pair count n and 2n values.
@@ -30,7 +28,7 @@ return added
 class RecordWriter:
     """Appends records in one round trip per batch, trimmed with ``MAXLEN ~``."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, *, maxlen: int, served_ttl: int = 0) -> None:
+    def __init__(self, client: Client, keys: Keys, *, maxlen: int, served_ttl: int = 0) -> None:
         self.keys = keys
         self._redis = client
         self._maxlen = maxlen
@@ -51,7 +49,7 @@ class RecordWriter:
             for key, value in fields.items():
                 args += (key, value)
         pipe = self._redis.pipeline(transaction=False)
-        await self._append(keys=[self.keys.records, self.keys.records_seq], args=args, client=pipe)
+        await queue_script(pipe, self._append, [self.keys.records, self.keys.records_seq], args)
         if self._served_ttl:
             for fields in entries:
                 # Which arm served this request, so user feedback (its token names our record id) can be
@@ -60,8 +58,11 @@ class RecordWriter:
                 # Feedback compares the two arms of the canary: the incumbent and the candidate it promotes.
                 arm = b"incumbent" if fields[b"served_by"] == b"incumbent" else b"candidate"
                 pipe.set(served, arm, ex=self._served_ttl)
+        waited = await wait_for_replica(pipe, self.keys.records)
         with translated():
-            await execute(pipe)
+            replies = await execute(pipe)
+        if waited and not replies[-1]:
+            await forget_topology(self._redis)  # no replica acknowledged: read which ones are alive
 
     async def sync_spend(
         self, candidate: str, added: dict[int, float], minutes: Sequence[int], ttl: int
@@ -72,22 +73,22 @@ class RecordWriter:
             key = self.keys.spend(candidate, minute)
             pipe.incrbyfloat(key, amount)
             pipe.expire(key, ttl)
-        pipe.mget([self.keys.spend(candidate, m) for m in minutes])
+        # MGET by name: redis-py's cluster pipeline refuses pipe.mget (these keys share one slot, so it is legal).
+        pipe.execute_command("MGET", *(self.keys.spend(candidate, m) for m in minutes))
         with translated():
             replies = await execute(pipe)
         return {m: float(v) for m, v in zip(minutes, replies[-1], strict=True) if v is not None}
 
     async def ping(self) -> tuple[bool, str]:
         try:
-            with translated():
-                await self._redis.ping()
+            await ping(self._redis, slot_of=self.keys.records)
         except Exception as exc:  # noqa: BLE001 - a probe reports, it never raises
             return False, getattr(exc, "kind", type(exc).__name__)
         return True, "ok"
 
 
 async def read_records(
-    client: aioredis.Redis, keys: Keys, *, last: int | None, since: float | None
+    client: Client, keys: Keys, *, last: int | None, since: float | None
 ) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """Recorded entries, oldest first: the last N (default 100), or everything since a Unix time."""
     entries: Any
