@@ -10,7 +10,10 @@ import asyncio
 import contextlib
 import inspect
 import os
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -774,6 +777,60 @@ async def test_upstream_probe_reports_the_health_status_or_the_failure_class() -
 
 
 # --- the same on uvloop ----------------------------------------------------------------------------------------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (subjectAltName IP) and its key, made by openssl."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def _https_round_trip(cert: Path, key: Path) -> tuple[bytes, BaseException | None]:
+    """One GET to a TLS server on loopback: the body, and the failure of a second pool made without trusting
+    the certificate (the trust store is read when a pool is made)."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    server = RawServer(answering(OK))
+    listener = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=server_context)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        os.environ["SSL_CERT_FILE"] = str(cert)
+        try:
+            trusting = Pool("127.0.0.1", port, tls=True, limit=2, connect_timeout=5, read_timeout=5)
+        finally:
+            del os.environ["SSL_CERT_FILE"]
+        try:
+            _, body = await get(trusting)
+        finally:
+            await trusting.close()
+        async with pool(port, tls=True) as untrusting:
+            try:
+                await get(untrusting)
+            except http1.UpstreamError as exc:
+                return body, exc
+        return body, None
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_https_upstream_is_verified_against_the_trust_store(tmp_path: Path, loop: str) -> None:
+    """TLS to the upstream (OpenAI, Anthropic): the answer comes back over a verified connection, and a
+    certificate the trust store does not hold is refused (connect_error), never silently accepted."""
+    cert, key = _self_signed(tmp_path)
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    body, refused = run(_https_round_trip(cert, key))
+    assert body == b"ok"
+    assert refused is not None
+    assert_failure(refused, http1.ConnectError, "connect_error", 502)
+    assert "certificate" in str(refused).lower()
 
 
 def _uvloop_cases() -> Iterator[Any]:
