@@ -2,10 +2,10 @@
 
 With one shard (``record.shards = 1``, the default) every key shares the hash tag ``{<namespace>}``, so
 a deployment lives in one Redis Cluster slot. With N shards the per-record keys (the records stream and
-its accounting, the aggregates built from its records, served and feedback markers) go to N tags
+its accounting, dead letters, the aggregates built from its records, served and feedback keys) go to N tags
 ``{<namespace>:s<k>}``, one per shard, so they spread over N slots; the rest (canary, leases, spend,
-worker health, verdict) stays on ``{<namespace>}``. Every script and pipeline touches the keys of one
-shard (one slot) at a time, so they stay legal on a cluster.
+worker health, verdict) stays on ``{<namespace>}``. Every script touches the keys of one shard (one
+slot), so it stays legal on a cluster; a pipeline may span shards (a cluster pipeline is split by node).
 """
 
 from __future__ import annotations
