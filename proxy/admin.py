@@ -303,7 +303,7 @@ async def _reader_ctx(app: web.Application) -> AsyncIterator[None]:
     record = runtime.config.record
     reader = None
     if runtime.clients is not None:
-        reader = AggregateReader(runtime.clients.get("control"), Keys(record.namespace, record.stream))
+        reader = AggregateReader(runtime.clients.get("control"), Keys(record.namespace, record.stream, record.shards))
     app[READER] = ReportSource(reader)
     yield
     runtime.reports.close()

@@ -307,6 +307,8 @@ class RecordConfig(_Section):
     redis_url: str = ""
     namespace: str = Field(default="shadow", pattern=r"^[A-Za-z0-9_.:-]+$")
     stream: str = "records"
+    # Record streams: records (and what is built from them) spread over this many hash tags (docs/redis.md).
+    shards: int = Field(default=1, ge=1, le=1024)
     maxlen: int = Field(default=100_000, ge=1)
     max_body_bytes: ByteSize = 256 * 1024
     queue_max_records: int = Field(default=10_000, ge=1)

@@ -66,7 +66,7 @@ class Runtime:
         record = config.record
         incumbent = Upstream("incumbent", config.incumbent)
         cap = record.max_body_bytes if record.enabled else 0  # nothing is captured when nothing is recorded
-        keys = Keys(record.namespace, record.stream)
+        keys = Keys(record.namespace, record.stream, record.shards)
         clients = writer = recorder = canary = None
         # In process mode this process only serves: mirrors and the recorder live in its shadow process.
         isolated = config.shadow.isolation == "process"

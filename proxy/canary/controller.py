@@ -42,7 +42,7 @@ class Controller:
         self, config: Config, redis: str | Clients, *, holder: str | None = None, builder: ReportBuilder = INLINE
     ) -> None:
         """``redis`` is a URL (this controller then owns its client) or the process's shared clients."""
-        keys = Keys(config.record.namespace, config.record.stream)
+        keys = Keys(config.record.namespace, config.record.stream, config.record.shards)
         self.config = config
         self.policy = policy_from(config)
         self._own = isinstance(redis, str)

@@ -66,7 +66,9 @@ async def load_report(
     candidate: str | None = None,
 ) -> Report:
     clients = Clients(redis_url, socket_timeout=config.record.socket_timeout)
-    reader = AggregateReader(clients.get("control"), Keys(config.record.namespace, config.record.stream))
+    reader = AggregateReader(
+        clients.get("control"), Keys(config.record.namespace, config.record.stream, config.record.shards)
+    )
     try:
         return await report_from(
             reader, config, since_seconds=since_seconds, segment_filter=segment_filter, candidate=candidate

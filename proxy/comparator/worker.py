@@ -84,14 +84,17 @@ class Worker:
         socket_timeout = max(config.record.socket_timeout, compare.block_ms / 1000.0 + 2.0)
         self._clients = Clients(redis_url, socket_timeout=socket_timeout)
         client = self._clients.get("comparator")
-        keys = Keys(config.record.namespace, config.record.stream)
-        self.records = RecordConsumer(
-            client,
-            keys,
-            group=compare.group,
-            consumer=compare.consumer or default_consumer(),
-            dead_letter_maxlen=compare.dead_letter_maxlen,
-        )
+        keys = Keys(config.record.namespace, config.record.stream, config.record.shards)
+        consumer = compare.consumer or default_consumer()
+        # One consumer per shard's stream (each has its consumer group): a worker reads every shard, and
+        # every worker does, so several share each shard's group as they would share one stream.
+        self.shards = [
+            RecordConsumer(
+                client, shard, group=compare.group, consumer=consumer, dead_letter_maxlen=compare.dead_letter_maxlen
+            )
+            for shard in keys.all_shards()
+        ]
+        self._waits = 0  # turns that waited for new records (which shard's stream to wait on next)
         self.aggregates = AggregateWriter(
             client,
             keys,
@@ -109,8 +112,16 @@ class Worker:
         self._stopping.set()
 
     @property
+    def records(self) -> RecordConsumer:
+        """The first shard's consumer (the only one with ``record.shards = 1``)."""
+        return self.shards[0]
+
+    @property
     def consumer(self) -> str:
         return self.records.consumer
+
+    async def _pending(self) -> int:
+        return sum([await shard.pending_count() for shard in self.shards])
 
     async def close(self) -> None:
         await self._clients.close()
@@ -146,9 +157,17 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 if not started:
-                    await self.records.ensure_group()
-                    log.info("comparator_started", consumer=self.consumer, group=self.records.group, burst=burst)
-                    await self._process(await self.records.read_own_pending(self._config.batch_size))
+                    for shard in self.shards:
+                        await shard.ensure_group()
+                    log.info(
+                        "comparator_started",
+                        consumer=self.consumer,
+                        group=self.records.group,
+                        shards=len(self.shards),
+                        burst=burst,
+                    )
+                    for shard in self.shards:
+                        await self._process(shard, await shard.read_own_pending(self._config.batch_size))
                     started = True
                 handled = await self._turn(block=not burst)
                 if not self.health.ok:
@@ -158,7 +177,7 @@ class Worker:
                 if time.monotonic() - last_beat > self._config.health_ttl / 3:
                     await self._heartbeat()
                     last_beat = time.monotonic()
-                if burst and handled == 0 and await self.records.pending_count() == 0:
+                if burst and handled == 0 and await self._pending() == 0:
                     break
             except StoreUnavailable as exc:
                 self.progress.redis_errors += 1
@@ -174,16 +193,30 @@ class Worker:
         return self.progress
 
     async def _turn(self, *, block: bool) -> int:
-        claimed = await self.records.reclaim(self._config.claim_idle_ms, self._config.batch_size)
-        self.progress.reclaimed += len(claimed.entries)
-        handled = await self._process(claimed)
-        batch = await self.records.read_new(self._config.batch_size, self._config.block_ms if block else 0)
-        if not batch.entries and not block and not claimed.entries and await self.records.pending_count() > 0:
+        """Every shard in turn: reclaim, then read what is new; when no shard had anything, wait for new
+        records on one shard's stream (in rotation, ``block_ms`` split between the shards: a blocking read
+        cannot span the slots of several shards on a cluster)."""
+        handled = 0
+        claimed_any = False
+        for shard in self.shards:
+            claimed = await shard.reclaim(self._config.claim_idle_ms, self._config.batch_size)
+            self.progress.reclaimed += len(claimed.entries)
+            claimed_any = claimed_any or bool(claimed.entries)
+            handled += await self._process(shard, claimed)
+            handled += await self._process(shard, await shard.read_new(self._config.batch_size, 0))
+        if handled:
+            return handled
+        if block and self._config.block_ms:
+            shard = self.shards[self._waits % len(self.shards)]
+            self._waits += 1
+            wait_ms = max(1, self._config.block_ms // len(self.shards))
+            return await self._process(shard, await shard.read_new(self._config.batch_size, wait_ms))
+        if not block and not claimed_any and await self._pending() > 0:
             # Burst mode: give entries held by a dead consumer the chance to go idle and be reclaimed.
             await asyncio.sleep(min(0.2, self._config.claim_idle_ms / 1000.0))
-        return handled + await self._process(batch)
+        return 0
 
-    async def _process(self, batch: Batch) -> int:
+    async def _process(self, shard: RecordConsumer, batch: Batch) -> int:
         self.progress.trimmed += batch.trimmed
         self.progress.deleted += batch.deleted
         if batch.trimmed:
@@ -196,10 +229,10 @@ class Worker:
             try:
                 record = parse_record(entry[1])
             except PoisonRecord as exc:
-                await self._dead_letter(entry, str(exc))
+                await self._dead_letter(shard, entry, str(exc))
                 continue
             except Exception as exc:  # noqa: BLE001 - any failure on one record is that record's
-                await self._dead_letter(entry, f"{type(exc).__name__}: {exc}")
+                await self._dead_letter(shard, entry, f"{type(exc).__name__}: {exc}")
                 continue
             self._count_parse_errors(record)
             parsed.append((entry, record))
@@ -211,20 +244,21 @@ class Worker:
             try:
                 found += contributions(record, self._settings, semantic, judged)
             except RecursionError:
-                await self._dead_letter(entry, "too_deep")
+                await self._dead_letter(shard, entry, "too_deep")
             except Exception as exc:  # noqa: BLE001 - a record that breaks the measures is set aside, not fatal
-                await self._dead_letter(entry, f"{type(exc).__name__}: {exc}")
-        applied = await self.aggregates.apply(found)
+                await self._dead_letter(shard, entry, f"{type(exc).__name__}: {exc}")
+        # Written to the aggregates of the records' own shard (its slot), seen markers included.
+        applied = await self.aggregates.apply(found, shard=shard.keys.index)
         # Acknowledge only after the aggregates are durably written (at least once).
-        await self.records.ack([entry_id for entry_id, _ in entries])
+        await shard.ack([entry_id for entry_id, _ in entries])
         self.progress.read += len(entries)
         self.progress.applied += applied
         self.progress.duplicates += len(found) - applied
         return len(entries)
 
-    async def _dead_letter(self, entry: Entry, reason: str) -> None:
+    async def _dead_letter(self, shard: RecordConsumer, entry: Entry, reason: str) -> None:
         entry_id, fields = entry
-        await self.records.dead_letter(entry_id, fields, reason)
+        await shard.dead_letter(entry_id, fields, reason)
         self.progress.dead_lettered += 1
         log.warning("record_dead_lettered", entry_id=entry_id.decode(), reason=reason[:200])
 

@@ -104,8 +104,13 @@ class AggregateWriter:
         self._apply = client.register_script(_APPLY)
         self._random = random.Random()
 
-    async def apply(self, contributions: Sequence[Contribution]) -> int:
-        """Add contributions grouped by (window, segment); returns how many were new (not seen before)."""
+    async def apply(self, contributions: Sequence[Contribution], *, shard: int = 0) -> int:
+        """Add contributions grouped by (window, segment); returns how many were new (not seen before).
+
+        Every key written is shard ``shard``'s (the shard of the stream the records were read from), seen
+        markers included: each script touches one slot, and a record always counts in its own shard.
+        """
+        shard_keys = self.keys.shard(shard)
         groups: dict[tuple[int, str], list[Contribution]] = defaultdict(list)
         for item in contributions:
             groups[(item.window, item.segment.id)].append(item)
@@ -113,13 +118,13 @@ class AggregateWriter:
         limits = self._limits
         for (window, segment_id), items in groups.items():
             keys = [
-                self.keys.aggregate(window, segment_id),
-                self.keys.pairs(window, segment_id),
-                self.keys.examples(window, segment_id),
-                self.keys.example_data(window, segment_id),
-                self.keys.windows,
-                self.keys.segments,
-                *(self.keys.seen(i.dedup_id) for i in items),
+                shard_keys.aggregate(window, segment_id),
+                shard_keys.pairs(window, segment_id),
+                shard_keys.examples(window, segment_id),
+                shard_keys.example_data(window, segment_id),
+                shard_keys.windows,
+                shard_keys.segments,
+                *(shard_keys.seen(i.dedup_id) for i in items),
             ]
             totals: dict[str, float] = {}
             records = []
@@ -155,7 +160,8 @@ class AggregateWriter:
     async def forget_expired_windows(self) -> None:
         cutoff = time.time() - self._limits.window_ttl
         with translated():
-            await self._redis.zremrangebyscore(self.keys.windows, "-inf", cutoff)
+            for shard in self.keys.all_shards():
+                await self._redis.zremrangebyscore(shard.windows, "-inf", cutoff)
 
 
 PAIRS_BUDGET = 50_000  # paired samples one report loads at most (descriptive figures only: gates use counters)
@@ -181,53 +187,73 @@ class AggregateReader:
         self._redis = client
 
     async def segments(self) -> dict[str, dict[str, Any]]:
-        with translated():
-            raw: dict[bytes, bytes] = await self._redis.hgetall(self.keys.segments)  # type: ignore[assignment]
-        return {k.decode(): orjson.loads(v) for k, v in raw.items()}
+        """Every segment seen, over all shards."""
+        found: dict[str, dict[str, Any]] = {}
+        for shard in self.keys.all_shards():
+            with translated():
+                raw: dict[bytes, bytes] = await self._redis.hgetall(shard.segments)  # type: ignore[assignment]
+            found.update((k.decode(), orjson.loads(v)) for k, v in raw.items())
+        return found
 
     async def load(self, since: float, until: float, examples: int) -> list[WindowData]:
-        """Every (window, segment) whose window starts in [since, until].
+        """Every (window, segment) whose window starts in [since, until], merged over the shards.
 
         Bounded whatever the range: about PAIRS_BUDGET paired samples in all (each window's share in
         proportion to its pairs; a reservoir is in random order, so its prefix is a uniform sample) and
-        examples from the EXAMPLE_WINDOWS most recent windows; counters are always complete.
+        examples from the EXAMPLE_WINDOWS most recent windows; counters are always complete. With several
+        shards each (window, segment) has one set of keys per shard: counters are added (every counter is
+        a sum, sketches included), samples taken from each shard in proportion to its pairs, examples joined.
         """
         with translated():
             return await self._load(since, until, examples)
 
     async def _load(self, since: float, until: float, examples: int) -> list[WindowData]:
-        members: list[bytes] = await self._redis.zrangebyscore(self.keys.windows, since, until)  # type: ignore[assignment]
-        parsed = []
+        shards = self.keys.all_shards()
         pipe = self._redis.pipeline(transaction=False)
-        for member in members:
-            window_text, _, segment = member.decode().partition(":")
-            parsed.append((int(window_text), segment))
-            pipe.hgetall(self.keys.aggregate(int(window_text), segment))
-        found = []
-        for (window, segment), counters_raw in zip(parsed, await execute(pipe), strict=True):
+        for shard in shards:
+            pipe.zrangebyscore(shard.windows, since, until)
+        member_lists: list[list[bytes]] = await execute(pipe)
+        parsed: list[tuple[Keys, int, str]] = []
+        pipe = self._redis.pipeline(transaction=False)
+        for shard, members in zip(shards, member_lists, strict=True):
+            for member in members:
+                window_text, _, segment = member.decode().partition(":")
+                parsed.append((shard, int(window_text), segment))
+                pipe.hgetall(shard.aggregate(int(window_text), segment))
+        # One part per (shard, window, segment) still there; merged per (window, segment) below.
+        parts: list[tuple[Keys, WindowData]] = []
+        for (shard, window, segment), counters_raw in zip(parsed, await execute(pipe) if parsed else [], strict=True):
             if counters_raw:  # else expired between the index and the read
                 counters = {k.decode(): float(v) for k, v in counters_raw.items()}
-                found.append(WindowData(window, segment, counters, [], []))
-        # Samples in proportion to each window's traffic, so pooled samples weigh pairs, not windows.
-        traffic = sum(data.counters.get("n", 0.0) for data in found) or 1.0
+                parts.append((shard, WindowData(window, segment, counters, [], [])))
+        merged: dict[tuple[int, str], WindowData] = {}
+        for _, part in parts:
+            into = merged.get((part.window, part.segment))
+            if into is None:
+                merged[(part.window, part.segment)] = WindowData(part.window, part.segment, dict(part.counters), [], [])
+            else:
+                for key, value in part.counters.items():
+                    into.counters[key] = into.counters.get(key, 0.0) + value
+        found = [merged[key] for key in sorted(merged)]
+        recent = {(data.window, data.segment) for data in found[-EXAMPLE_WINDOWS:]}
+        # Samples in proportion to each part's traffic, so pooled samples weigh pairs, not windows or shards.
+        traffic = sum(data.counters.get("n", 0.0) for _, data in parts) or 1.0
         pipe = self._redis.pipeline(transaction=False)
-        for index, data in enumerate(found):
+        for shard, data in parts:
             share = max(1, round(PAIRS_BUDGET * data.counters.get("n", 0.0) / traffic))
-            pipe.lrange(self.keys.pairs(data.window, data.segment), 0, share - 1)
-            wanted = examples if index >= len(found) - EXAMPLE_WINDOWS else 0
+            pipe.lrange(shard.pairs(data.window, data.segment), 0, share - 1)
+            wanted = examples if (data.window, data.segment) in recent else 0
             # ZREVRANGE 0 -1 would mean "all": ask for the empty range 1..0 when none are wanted.
-            pipe.zrevrange(
-                self.keys.examples(data.window, data.segment), 0 if wanted else 1, wanted - 1 if wanted else 0
-            )
-        replies = await execute(pipe) if found else []
+            pipe.zrevrange(shard.examples(data.window, data.segment), 0 if wanted else 1, wanted - 1 if wanted else 0)
+        replies = await execute(pipe) if parts else []
         example_pipe = self._redis.pipeline(transaction=False)
-        for index, data in enumerate(found):
+        for index, (shard, data) in enumerate(parts):
             pairs_raw, example_ids = replies[index * 2 : index * 2 + 2]
-            data.pairs.extend(orjson.loads(p) for p in pairs_raw)
-            example_pipe.hmget(self.keys.example_data(data.window, data.segment), example_ids or ["-"])
-        example_replies = await execute(example_pipe) if found else []
-        for data, payloads in zip(found, example_replies, strict=True):
-            data.examples.extend(orjson.loads(p) for p in payloads if p)
+            merged[(data.window, data.segment)].pairs.extend(orjson.loads(p) for p in pairs_raw)
+            example_pipe.hmget(shard.example_data(data.window, data.segment), example_ids or ["-"])
+        example_replies = await execute(example_pipe) if parts else []
+        for (_, data), payloads in zip(parts, example_replies, strict=True):
+            merged[(data.window, data.segment)].examples.extend(orjson.loads(p) for p in payloads if p)
         return found
 
     async def save_verdict(self, report: dict[str, Any], ttl: int) -> None:
@@ -235,17 +261,18 @@ class AggregateReader:
             await self._redis.set(self.keys.verdict, orjson.dumps(report), ex=ttl)
 
     async def workers(self) -> list[dict[str, Any]]:
-        keys = await scan(self._redis, self.keys.worker("*"), slot_of=self.keys.records)
+        keys = await scan(self._redis, self.keys.worker("*"), slot_of=self.keys.verdict)  # the deployment's tag
         with translated():
             values = await self._redis.mget(keys) if keys else []
         return [orjson.loads(v) for v in values if v]
 
     async def feedback(self, since: float, until: float, step: int) -> dict[str, float]:
-        """User feedback counters (per arm) merged over the windows of [since, until]."""
+        """User feedback counters (per arm) merged over the windows of [since, until] and the shards."""
         first = int(since // step) * step
         pipe = self._redis.pipeline(transaction=False)
-        for window in range(first, int(until // step) * step + step, step):
-            pipe.hgetall(self.keys.feedback(window))
+        for shard in self.keys.all_shards():
+            for window in range(first, int(until // step) * step + step, step):
+                pipe.hgetall(shard.feedback(window))
         total: dict[str, float] = {}
         with translated():
             replies = await execute(pipe)
@@ -255,8 +282,9 @@ class AggregateReader:
         return total
 
     async def stream_length(self) -> int:
+        """Entries in the records streams (every shard's)."""
         with translated():
-            return int(await self._redis.xlen(self.keys.records))
+            return sum([int(await self._redis.xlen(shard.records)) for shard in self.keys.all_shards()])
 
     async def latest_verdict(self) -> Report | None:
         """The last stored report; None when there is none, or it was written by an older version."""

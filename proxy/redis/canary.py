@@ -1,6 +1,7 @@
 """The canary's Redis state: state (compare-and-set), events, the controller lease, pub/sub, feedback.
 
-Keys (all under the deployment's hash tag, see docs/redis.md):
+Keys (under the deployment's hash tag, see docs/redis.md; with ``record.shards`` > 1 the served,
+fbseen and fb keys of a request are under its record's shard tag, so the feedback script touches one slot):
   {ns}:canary:state    JSON CanaryState, changed only through COMMIT (version compare-and-set)
   {ns}:canary:events   stream of transitions (MAXLEN ~)
   {ns}:canary:lease    the controller lease: holder id with a PX expiry
@@ -156,7 +157,8 @@ class CanaryStore:
         self, request_id: str, *, score: float | None, label: str | None, window: int, ttl: int
     ) -> tuple[int, str]:
         """Join feedback to the arm that served the request; (FEEDBACK_*, arm)."""
-        keys = [self.keys.served(request_id), self.keys.feedback_seen(request_id), self.keys.feedback(window)]
+        shard = self.keys.for_record(request_id)  # the recorder wrote the served marker in the record's shard
+        keys = [shard.served(request_id), shard.feedback_seen(request_id), shard.feedback(window)]
         code, arm = await self._call(
             self._feedback(keys=keys, args=[ttl, "" if score is None else repr(score), label or ""])
         )

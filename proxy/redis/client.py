@@ -8,6 +8,7 @@ Every Redis or socket error raised by a command is turned into ``StoreUnavailabl
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, TypeAlias
 from urllib.parse import unquote
@@ -127,27 +128,31 @@ async def _done() -> None:
 REPLICA_WAIT_MS = 500  # how long a cluster write waits for its replica's acknowledgement (WAIT)
 
 
-async def wait_for_replica(pipe: Any, key: str) -> bool:
-    """On a cluster whose master for ``key`` has a replica, end the pipeline with ``WAIT 1``; True if queued.
+async def wait_for_replica(pipe: Any, keys: Sequence[str]) -> int:
+    """On a cluster, end the pipeline with ``WAIT 1`` on each master (serving one of ``keys``) that has a
+    replica; the number of WAITs queued (their replies are the pipeline's last ones).
 
     Replication is asynchronous: a master killed right after answering may take its last writes
     with it, and the replica promoted in its place never had them. With WAIT the pipeline's answer
     comes once one replica has them too (or after REPLICA_WAIT_MS, when none acknowledged: the
     writes stand, unprotected, and the caller should ``forget_topology`` so that a replica that
-    failed is dropped from the client's map). Not queued on one server, nor when the map lists no
-    replica (a master just promoted): WAIT would then only add REPLICA_WAIT_MS to every batch.
+    failed is dropped from the client's map). Not queued on one server, nor for a master the map lists
+    no replica for (a master just promoted): WAIT would then only add REPLICA_WAIT_MS to every batch.
     Must be queued after the writes it covers.
     """
     if not isinstance(pipe, ClusterPipeline):
-        return False
+        return 0
     with translated():
         cluster = pipe.cluster_client
         await cluster.initialize()  # no I/O unless the slot map was dropped
-        nodes = cluster.nodes_manager.slots_cache.get(cluster.keyslot(key), [])
-    if len(nodes) < 2:
-        return False
-    pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=nodes[0])
-    return True
+        masters: dict[str, Any] = {}
+        for key in keys:
+            nodes = cluster.nodes_manager.slots_cache.get(cluster.keyslot(key), [])
+            if len(nodes) >= 2:
+                masters.setdefault(nodes[0].name, nodes[0])
+    for node in masters.values():
+        pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=node)
+    return len(masters)
 
 
 async def scan(client: Client, match: str, *, slot_of: str) -> list[bytes]:
@@ -162,12 +167,16 @@ async def scan(client: Client, match: str, *, slot_of: str) -> list[bytes]:
         return [key async for key in client.scan_iter(match=match, count=100)]
 
 
-async def ping(client: Client, *, slot_of: str) -> None:
-    """PING the server; on a cluster, the master serving ``slot_of``'s slot (redis-py's default is a random one)."""
+async def ping(client: Client, *, slot_of: str | Sequence[str]) -> None:
+    """PING the server; on a cluster, each master serving one of the ``slot_of`` keys' slots (redis-py's
+    default is a random node)."""
     with translated():
         if isinstance(client, RedisCluster):
             await client.initialize()
-            await client.ping(target_nodes=client.get_node_from_key(slot_of))
+            keys = [slot_of] if isinstance(slot_of, str) else list(slot_of)
+            nodes = {node.name: node for node in (client.get_node_from_key(key) for key in keys) if node is not None}
+            for node in nodes.values():
+                await client.ping(target_nodes=node)
         else:
             await client.ping()
 

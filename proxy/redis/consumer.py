@@ -1,4 +1,4 @@
-"""The comparator's reads: one consumer group member of the records stream, with loss accounting.
+"""The comparator's reads: one consumer group member of a records stream (one shard's), with loss accounting.
 
 New entries are read by a script that also advances the group's delivered ``seq`` and counts the
 gap when entries were trimmed before the group read them; entries that vanished while pending
@@ -177,29 +177,41 @@ class RecordConsumer:
 
 
 async def backlog(client: Client, keys: Keys, group: str) -> dict[str, int | None]:
-    """The group's lag (entries added, not yet delivered), pending (delivered, not acked) and losses."""
+    """The group's lag (entries added, not yet delivered), pending (delivered, not acked) and losses,
+    summed over every shard's stream (each shard has its own group of that name)."""
+    shards = keys.all_shards()
     pipe = client.pipeline(transaction=False)
-    pipe.get(keys.records_seq)
-    pipe.hget(keys.delivered, group)
-    pipe.hgetall(keys.lost)
-    pipe.xlen(keys.records)
+    for shard in shards:
+        pipe.get(shard.records_seq)
+        pipe.hget(shard.delivered, group)
+        pipe.hgetall(shard.lost)
+        pipe.xlen(shard.records)
     with translated():
-        added, delivered, lost, length = await execute(pipe)
-    pending: int | None
-    try:
-        with translated():
-            info = await client.xpending(keys.records, group)
-        pending = int(info["pending"]) if info else 0
-    except StoreUnavailable as exc:
-        if exc.kind != "nogroup":
-            raise
-        pending = None
-    losses = {k.decode(): int(v) for k, v in (lost or {}).items()}
+        replies = await execute(pipe)
+    total: dict[str, int] = {"added": 0, "lag": 0, "length": 0, "trimmed": 0, "deleted": 0}
+    for index in range(len(shards)):
+        added, delivered, lost, length = replies[index * 4 : index * 4 + 4]
+        losses = {k.decode(): int(v) for k, v in (lost or {}).items()}
+        total["added"] += int(added or 0)
+        total["lag"] += max(0, int(added or 0) - int(delivered or 0))
+        total["length"] += int(length)
+        total["trimmed"] += losses.get(f"trimmed:{group}", 0)
+        total["deleted"] += losses.get(f"deleted:{group}", 0)
+    pending: int | None = None  # None when no shard has the group yet
+    for shard in shards:
+        try:
+            with translated():
+                info = await client.xpending(shard.records, group)
+        except StoreUnavailable as exc:
+            if exc.kind != "nogroup":
+                raise
+            continue
+        pending = (pending or 0) + (int(info["pending"]) if info else 0)
     return {
-        "added": int(added or 0),
-        "lag": max(0, int(added or 0) - int(delivered or 0)),
+        "added": total["added"],
+        "lag": total["lag"],
         "pending": pending,
-        "length": int(length),
-        "trimmed": losses.get(f"trimmed:{group}", 0),
-        "deleted": losses.get(f"deleted:{group}", 0),
+        "length": total["length"],
+        "trimmed": total["trimmed"],
+        "deleted": total["deleted"],
     }

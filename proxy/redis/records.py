@@ -36,33 +36,42 @@ class RecordWriter:
         self._append = client.register_script(_APPEND)
 
     async def append(self, entries: Sequence[Mapping[bytes, bytes]]) -> None:
-        """Add every entry (atomically numbered); raise StoreUnavailable if the batch may not be stored.
+        """Add every entry (atomically numbered per shard); raise StoreUnavailable if the batch may not be stored.
 
-        A batch that fails may have been stored in part or whole: retrying it is safe because the
-        comparator counts each request id once.
+        The batch is one pipeline: one append script per shard it has records of (a script touches the
+        keys of one shard, so of one cluster slot), then the served markers (each in its record's shard).
+        On a cluster redis-py splits the pipeline by node. A batch that fails may have been stored in part
+        or whole: retrying it is safe because the comparator counts each request id once.
         """
         if not entries:
             return
-        args: list[bytes | int] = [self._maxlen]
+        by_shard: dict[int, list[bytes | int]] = {}
         for fields in entries:
+            shard = self.keys.shard_of(fields[b"request_id"].decode()) if self.keys.shards > 1 else 0
+            args = by_shard.setdefault(shard, [self._maxlen])
             args.append(len(fields))
             for key, value in fields.items():
                 args += (key, value)
         pipe = self._redis.pipeline(transaction=False)
-        await queue_script(pipe, self._append, [self.keys.records, self.keys.records_seq], args)
+        written = []
+        for shard, args in sorted(by_shard.items()):
+            keys = self.keys.shard(shard)
+            written.append(keys.records)
+            await queue_script(pipe, self._append, [keys.records, keys.records_seq], args)
         if self._served_ttl:
             for fields in entries:
                 # Which arm served this request, so user feedback (its token names our record id) can be
                 # joined to it later.
-                served = self.keys.served(fields[b"request_id"].decode())
+                record_id = fields[b"request_id"].decode()
+                served = self.keys.for_record(record_id).served(record_id)
                 # Feedback compares the two arms of the canary: the incumbent and the candidate it promotes.
                 arm = b"incumbent" if fields[b"served_by"] == b"incumbent" else b"candidate"
                 pipe.set(served, arm, ex=self._served_ttl)
-        waited = await wait_for_replica(pipe, self.keys.records)
+        waits = await wait_for_replica(pipe, written)
         with translated():
             replies = await execute(pipe)
-        if waited and not replies[-1]:
-            await forget_topology(self._redis)  # no replica acknowledged: read which ones are alive
+        if waits and not all(replies[-waits:]):
+            await forget_topology(self._redis)  # a replica did not acknowledge: read which ones are alive
 
     async def sync_spend(
         self, candidate: str, added: dict[int, float], minutes: Sequence[int], ttl: int
@@ -81,7 +90,7 @@ class RecordWriter:
 
     async def ping(self) -> tuple[bool, str]:
         try:
-            await ping(self._redis, slot_of=self.keys.records)
+            await ping(self._redis, slot_of=[keys.records for keys in self.keys.all_shards()])
         except Exception as exc:  # noqa: BLE001 - a probe reports, it never raises
             return False, getattr(exc, "kind", type(exc).__name__)
         return True, "ok"
@@ -90,11 +99,26 @@ class RecordWriter:
 async def read_records(
     client: Client, keys: Keys, *, last: int | None, since: float | None
 ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """Recorded entries, oldest first: the last N (default 100), or everything since a Unix time."""
-    entries: Any
-    with translated():
-        if since is not None:
-            entries = await client.xrange(keys.records, min=f"{int(since * 1000)}-0", max="+")
-        else:
-            entries = list(reversed(list(await client.xrevrange(keys.records, count=last or 100) or [])))
-    return list(entries or [])
+    """Recorded entries, oldest first: the last N (default 100), or everything since a Unix time.
+
+    With several shards each stream is read and the entries merged in time order (entry ids start
+    with the millisecond they were added).
+    """
+    found: list[tuple[bytes, dict[bytes, bytes]]] = []
+    for shard in keys.all_shards():
+        entries: Any
+        with translated():
+            if since is not None:
+                entries = await client.xrange(shard.records, min=f"{int(since * 1000)}-0", max="+")
+            else:
+                entries = await client.xrevrange(shard.records, count=last or 100)
+        found += list(entries or [])
+    found.sort(key=lambda entry: _id_order(entry[0]))
+    if since is None:
+        found = found[-(last or 100) :]
+    return found
+
+
+def _id_order(entry_id: bytes) -> tuple[int, int]:
+    millis, _, seq = entry_id.partition(b"-")
+    return int(millis), int(seq or 0)

@@ -47,7 +47,7 @@ async def load_entries(config: Config, redis_url: str, *, last: int | None, sinc
     """Records to replay, oldest first: the last N, or everything since a Unix time."""
     clients = Clients(redis_url, socket_timeout=config.record.socket_timeout)
     try:
-        keys = Keys(config.record.namespace, config.record.stream)
+        keys = Keys(config.record.namespace, config.record.stream, config.record.shards)
         return list(await read_records(clients.get("control"), keys, last=last, since=since))
     finally:
         await clients.close()
@@ -75,7 +75,7 @@ class Replayer:
         self._upstream = Upstream(target.name, target)
         self._clients = Clients(redis_url, socket_timeout=record.socket_timeout)
         self._store = RecordWriter(
-            self._clients.get("records"), Keys(record.namespace, record.stream), maxlen=record.maxlen
+            self._clients.get("records"), Keys(record.namespace, record.stream, record.shards), maxlen=record.maxlen
         )
         self._redactor = Redactor(record)
         self._headers = headers
