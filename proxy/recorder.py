@@ -192,7 +192,17 @@ class Recorder:
     async def _send_from(self, spool: Spool) -> None:
         """Disk to Redis in order; what Redis has is committed (deleted from the spool), the rest retried."""
         backoff = self._backoff()
+        down = False
         while True:
+            if down:
+                # Redis refused the last batch: a PING says when it is back. Reading and rewinding the spool on
+                # each retry would hold its lock against the records being spooled in meanwhile.
+                up, why = await self._writer.ping()
+                if not up:
+                    self._write_failed(StoreUnavailable(f"redis still unavailable ({why})", kind=why))
+                    await asyncio.sleep(backoff.next())
+                    continue
+                down = False
             batch, cursor = await asyncio.to_thread(spool.read, self._config.batch_size, 8 * 1024**2)
             if not batch:
                 if self._closing and not self._queue and not self._ready:
@@ -206,6 +216,7 @@ class Recorder:
             except StoreUnavailable as exc:
                 await asyncio.to_thread(spool.rewind)
                 self._write_failed(exc)
+                down = True
                 await asyncio.sleep(backoff.next())
                 continue
             await asyncio.to_thread(spool.commit, cursor)
