@@ -2,8 +2,10 @@
 
 Run from the repository root:
 
-    PYTHONPATH=$PWD .venv/bin/python bench/capacity.py --quick   # about 1.5 minutes, one run per row (indicative)
-    PYTHONPATH=$PWD .venv/bin/python bench/capacity.py           # about 5 to 8 minutes, repeated rows, 2 workers too
+    PYTHONPATH=$PWD .venv/bin/python bench/capacity.py --quick   # about 70 s, one run per row (indicative)
+    PYTHONPATH=$PWD .venv/bin/python bench/capacity.py           # 6 to 10 minutes: 3 runs per row, 2 workers too
+    PYTHONPATH=$PWD .venv/bin/python bench/capacity.py --replan bench/results/capacity-<stamp>.json \
+        --pairs-per-record 0.1 --retention 600                  # the model again, other assumptions, no measuring
 
 Measured with real processes on 127.0.0.1 (docs/scaling.md turns the figures into a capacity model):
 
@@ -28,7 +30,8 @@ completions whose answer length is chosen so the whole entry is about 4 KB and 3
 
 Background load: before every run the script waits (up to 20 s) for the machine to go quiet; during the run it
 measures the CPU spent outside its own processes (``/proc/stat`` minus redis-server, the writers and itself). A
-run where that exceeded 10% of a CPU is repeated (at most twice) and otherwise kept and marked disturbed.
+run where that exceeded 10% of a CPU is repeated (full run: at most twice, and only in the first 9 minutes;
+quick: never) and otherwise kept and marked disturbed.
 
 Sharding (``record.shards``, issue 12) is not on main yet: ``record_keys`` and ``stream_keys`` are the two places
 that name the layout. ``--shards N`` later means: build ``Keys(..., shards=N)`` in ``record_keys``, return every
@@ -83,6 +86,8 @@ PROXY_CPU_US = 273.0
 PROXY_SOURCE = "docs/performance.md top table (inline, fast candidate), 2026-12-02, code 4284aa8"
 
 OTHER_CPU_MAX_SHARE = 0.10
+BUDGET_S = {True: 110.0, False: 540.0}  # quick, full: past this, disturbed runs are kept (marked), not repeated
+DEADLINE = [math.inf]  # monotonic time after which nothing is repeated
 POOL = 512  # distinct records each writer cycles through
 CHILD_TIMEOUT = 120.0
 
@@ -350,7 +355,7 @@ def write_run(
             f"other {other * 100:3.0f}%{'  DISTURBED' if run['disturbed'] else ''}",
             flush=True,
         )
-        if not run["disturbed"]:
+        if not run["disturbed"] or time.monotonic() > DEADLINE[0]:
             break
     return run
 
@@ -544,13 +549,17 @@ def units(m: Measured) -> dict[str, Unit]:
     out = {}
     small_tf, small_writer = m.to_fields_us["small"], median_of(m.writes["small"][1], "writer_cpu_us_per_record")
     for key in m.memory:
-        w1 = m.writes[key][1]
+        by = m.writes[key]
+        w1 = by[1]
         writer_us = median_of(w1, "writer_cpu_us_per_record")
+        # Per record, 2 writers cost redis-server a little more than 1 (two cores for three busy processes):
+        # the larger of the two medians, to plan on the conservative side.
+        redis_us = max(median_of(runs, "redis_cpu_us_per_record") for runs in by.values())
         # The cited CPU per request had small records: add what the recorder spends more on a bigger one.
         proxy_us = PROXY_CPU_US + max(0.0, m.to_fields_us[key] - small_tf) + max(0.0, writer_us - small_writer)
         out[key] = Unit(
             record_bytes=m.memory[key]["record_bytes"],
-            redis_append_cpu_us=median_of(w1, "redis_cpu_us_per_record"),
+            redis_append_cpu_us=redis_us,
             redis_compare_cpu_us=m.compare[key][1]["redis_cpu_us_per_pair"],
             memory_bytes=m.memory[key]["used_memory_per_record"],
             net_in_bytes=median_of(w1, "net_in_bytes_per_record"),
@@ -605,15 +614,20 @@ def render(m: Measured, us: dict[str, Unit], s: Settings) -> str:
         + "; per-request CPU used in the model: "
         + ", ".join(f"{k} {u.proxy_cpu_us:.0f} µs" for k, u in us.items())
     )
-    out += ["", "One node (the layout on main: one stream, one slot): requests/s at the planned headroom"]
+    return "\n".join([*out, render_model(us, Assumptions())])
+
+
+def render_model(us: dict[str, Unit], a: Assumptions) -> str:
+    """The model's two tables (docs/scaling.md), from the per-unit figures and the assumptions."""
+    out = ["", "One node (the layout on main: one stream, one slot): requests/s at the planned headroom"]
     out.append("| record | CPU | network | memory, 1 h kept | breaks first (maxlen) | breaks first (1 h kept) |")
     out.append("|---|---|---|---|---|---|")
     for key, unit in us.items():
-        c = one_node_ceiling(unit)
+        c = one_node_ceiling(unit, a)
         first = min(("cpu", "network"), key=lambda k: c[k])
         first_1h = min(c, key=lambda k: c[k])
         out.append(f"| {key} | {c['cpu']:,.0f} | {c['network']:,.0f} | {c['memory_1h']:,.0f} | {first} | {first_1h} |")
-    out += ["", "Plan (Assumptions() defaults); nodes = masters needed, so record.shards >= nodes"]
+    out += ["", f"Plan ({a}); nodes = masters needed, so record.shards >= nodes"]
     out.append("| req/s | record | MB/s in | redis cores | net (all nodes) | maxlen: memory, covers | nodes (maxlen) "
                "| 1 h: memory | nodes (1 h) | proxy procs | comparator workers |")  # fmt: skip
     out.append("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -621,7 +635,7 @@ def render(m: Measured, us: dict[str, Unit], s: Settings) -> str:
         for key in ("4k", "32k"):
             if key not in us:
                 continue
-            p = plan(rate, us[key])
+            p = plan(rate, us[key], a)
             out.append(
                 f"| {rate:,} | {key} | {p['bytes_per_s'] / 1e6:,.1f} | {p['redis_cpu_cores']:.2f} | "
                 f"{_si(p['network_bytes_s'], 'B/s')} | "
@@ -638,7 +652,23 @@ def main() -> int:
     parser.add_argument("--aof", action="store_true", help="redis-server with appendonly yes, appendfsync everysec")
     parser.add_argument("--sizes", default=",".join(s.key for s in SIZES), help="record sizes to measure")
     parser.add_argument("--shards", type=int, default=1, help="record.shards (needs issue 12's branch)")
+    parser.add_argument("--replan", metavar="JSON", help="no measuring: the model from a saved result's figures")
+    parser.add_argument("--pairs-per-record", type=float, help="with --replan: mirror sample rate x candidates")
+    parser.add_argument("--retention", type=float, metavar="S", help="with --replan: seconds of records kept")
     args = parser.parse_args()
+    if args.replan:
+        saved = json.loads(Path(args.replan).read_text())
+        overrides = {"pairs_per_record": args.pairs_per_record, "retention_s": args.retention}
+        a = Assumptions(**{k: v for k, v in overrides.items() if v is not None})
+        print(f"figures of {args.replan} ({saved['time']}, commit {saved['machine']['commit']})")
+        m = Measured(
+            memory=saved["memory"],
+            writes={k: {int(w): runs for w, runs in by.items()} for k, by in saved["writes"].items()},
+            compare={k: {int(w): c for w, c in by.items()} for k, by in saved["compare"].items()},
+            to_fields_us=saved["to_fields_us"],
+        )
+        print(render_model(units(m), a))  # units() again: the rule of this version, on the saved runs
+        return 0
     s = QUICK if args.quick else FULL
     sizes = [size for size in SIZES if size.key in args.sizes.split(",")]
     if "small" not in [size.key for size in sizes]:
@@ -648,10 +678,12 @@ def main() -> int:
     comparator.QUIET_MAX_SECONDS = 60.0
     comparator.IDLE_WAIT_MAX_S = s.idle_wait_s
     comparator.MAX_ATTEMPTS = s.attempts
+    comparator.MAX_REPEATS_TOTAL = 4
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     ctx = multiprocessing.get_context("spawn")
     began = time.monotonic()
+    DEADLINE[0] = began + BUDGET_S[args.quick]
     host = machine()
     m = Measured()
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
