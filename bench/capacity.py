@@ -315,6 +315,7 @@ def write_run(
             busy, own = comparator.system_busy_s() - busy0, time.process_time() - own0
             net_in = info_int(client, "stats", "total_net_input_bytes") - net_in0
             net_out = info_int(client, "stats", "total_net_output_bytes") - net_out0
+            memory: dict[str, Any] = client.info("memory")  # type: ignore[assignment]
         finally:
             go.set()
             for proc in procs:
@@ -345,6 +346,9 @@ def write_run(
             "net_out_bytes_per_record": net_out / records,
             "other_cpu_share": other,
             "idle_before": idle,
+            # To tell whether the drift of CPU per record follows the allocator's fragmentation.
+            "mem_fragmentation_ratio": float(memory.get("mem_fragmentation_ratio", 0.0)),
+            "used_memory": int(memory["used_memory"]),
             "xlen_after": sum(int(client.xlen(k)) for k in stream_keys(record_keys(comparator.make_config(url)))),
             "disturbed": other > OTHER_CPU_MAX_SHARE,
         }
@@ -552,8 +556,8 @@ def units(m: Measured) -> dict[str, Unit]:
         by = m.writes[key]
         w1 = by[1]
         writer_us = median_of(w1, "writer_cpu_us_per_record")
-        # Per record, 2 writers cost redis-server a little more than 1 (two cores for three busy processes):
-        # the larger of the two medians, to plan on the conservative side.
+        # redis-server's CPU per record drifts up over its life (docs/scaling.md), and the 2-writer runs come
+        # after the 1-writer ones: the larger of the two medians, to plan on the conservative side.
         redis_us = max(median_of(runs, "redis_cpu_us_per_record") for runs in by.values())
         # The cited CPU per request had small records: add what the recorder spends more on a bigger one.
         proxy_us = PROXY_CPU_US + max(0.0, m.to_fields_us[key] - small_tf) + max(0.0, writer_us - small_writer)
