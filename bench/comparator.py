@@ -253,8 +253,12 @@ def small_exchange(rng: random.Random, index: int, wall: float, mono: float, cap
     return exchange, differs
 
 
-def chat_exchange(rng: random.Random, index: int, wall: float, mono: float, cap: int) -> tuple[Exchange, bool]:
-    """A non-streamed OpenAI chat completion (~2 KB of content); about 20% differ by a few words."""
+def chat_exchange(
+    rng: random.Random, index: int, wall: float, mono: float, cap: int, *, content_chars: int = 2000
+) -> tuple[Exchange, bool]:
+    """A non-streamed OpenAI chat completion (~2 KB of content by default); about 20% differ by a few words.
+
+    ``content_chars`` sets the answer's length (bench/capacity.py sizes records with it)."""
     request_id = _request_id(rng)
     question = _text(rng, rng.randint(120, 320))
     body = orjson.dumps(
@@ -277,7 +281,7 @@ def chat_exchange(rng: random.Random, index: int, wall: float, mono: float, cap:
         ("X-Stainless-Package-Version", "1.54.4"),
         ("X-Request-Id", request_id),
     ]
-    content = _text(rng, 2000)
+    content = _text(rng, content_chars)
     differs = rng.random() < 0.20
     cand_content = _change_words(rng, content, 3) if differs else content
     prompt_tokens = (len(SYSTEM_PROMPT) + len(question)) // 4 + 11
@@ -490,7 +494,9 @@ def instrument(worker: Worker) -> tuple[dict[str, float], dict[str, float]]:
     spent: dict[str, float] = {}
     marks: dict[str, float] = {"last_ack": 0.0}
     for name in STORE_CALLS:
-        setattr(worker.store, name, _timed(getattr(worker.store, name), name, spent, marks))
+        # Since the proxy/redis/ split (7b315ef) the worker's Redis calls live on two objects.
+        owner = worker.aggregates if name == "apply" else worker.records
+        setattr(owner, name, _timed(getattr(owner, name), name, spent, marks))
     worker._process = _timed(worker._process, "process", spent, marks)  # type: ignore[method-assign]
     return spent, marks
 
