@@ -33,8 +33,9 @@ measures the CPU spent outside its own processes (``/proc/stat`` minus redis-ser
 run where that exceeded 10% of a CPU is repeated (full run: at most twice, and only in the first 9 minutes;
 quick: never) and otherwise kept and marked disturbed.
 
-Sharding (``record.shards``, issue 12) is not on main yet: ``record_keys`` and ``stream_keys`` are the two places
-that name the layout. ``--shards N`` later means: build ``Keys(..., shards=N)`` in ``record_keys``, return every
+``record.shards`` exists, but this script measures one stream: ``--shards N`` is not implemented here yet
+(``bench/comparator.py --scaling`` measures workers across shards). ``record_keys`` and ``stream_keys`` are the two
+places that name the layout; ``--shards N`` means: build ``Keys(..., shards=N)`` in ``record_keys``, return every
 shard's stream from ``stream_keys`` (memory and XLEN are summed over them) and, on a cluster, read CPU per node.
 
 Results: a table on stdout and JSON in ``bench/results/capacity-<timestamp>.json``.
@@ -147,7 +148,7 @@ FULL = Settings(
 def record_keys(config: Config, shards: int = 1) -> Keys:
     """The deployment's keys. Today one stream; with record.shards: Keys(..., shards=shards)."""
     if shards != 1:
-        raise SystemExit("--shards needs record.shards (issue 12), not on this branch yet")
+        raise SystemExit("--shards is not implemented in bench/capacity.py yet (see its docstring)")
     return Keys(config.record.namespace, config.record.stream)
 
 
@@ -655,7 +656,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one run per row, smaller streams (under 2 minutes)")
     parser.add_argument("--aof", action="store_true", help="redis-server with appendonly yes, appendfsync everysec")
     parser.add_argument("--sizes", default=",".join(s.key for s in SIZES), help="record sizes to measure")
-    parser.add_argument("--shards", type=int, default=1, help="record.shards (needs issue 12's branch)")
+    parser.add_argument("--shards", type=int, default=1, help="record.shards (not implemented here yet)")
     parser.add_argument("--replan", metavar="JSON", help="no measuring: the model from a saved result's figures")
     parser.add_argument("--pairs-per-record", type=float, help="with --replan: mirror sample rate x candidates")
     parser.add_argument("--retention", type=float, metavar="S", help="with --replan: seconds of records kept")

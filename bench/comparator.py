@@ -398,13 +398,14 @@ def build_records(workload: Workload, n: int, config: Config) -> Records:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_config(url: str, consumer: str = "") -> Config:
+def make_config(url: str, consumer: str = "", shards: int = 1) -> Config:
     compare: dict[str, Any] = {"consumer": consumer} if consumer else {}
-    return load_config(None, environ={}, overrides={"record": {"redis_url": url}, "compare": compare, **PRICES})
+    record = {"redis_url": url, "shards": shards}
+    return load_config(None, environ={}, overrides={"record": record, "compare": compare, **PRICES})
 
 
 def keys_of(config: Config) -> Keys:
-    return Keys(config.record.namespace, config.record.stream)
+    return Keys(config.record.namespace, config.record.stream, config.record.shards)
 
 
 async def fill(url: str, config: Config, records: Records) -> float:
@@ -415,10 +416,12 @@ async def fill(url: str, config: Config, records: Records) -> float:
         )
     clients = Clients(url, socket_timeout=30.0)
     store = RecordWriter(clients.get("records"), keys_of(config), maxlen=config.record.maxlen)
+    # Field names as bytes, as the recorder hands them over (the writer reads b"request_id" to pick a shard).
+    fields = [{k.encode() if isinstance(k, str) else k: v for k, v in f.items()} for f in records.fields]
     started = time.perf_counter()
     try:
-        for offset in range(0, len(records.fields), FILL_BATCH):
-            await store.append(records.fields[offset : offset + FILL_BATCH])
+        for offset in range(0, len(fields), FILL_BATCH):
+            await store.append(fields[offset : offset + FILL_BATCH])
     finally:
         await clients.close()
     return time.perf_counter() - started
@@ -440,20 +443,21 @@ def command_stats(client: redis.Redis) -> dict[str, dict[str, float]]:
 
 def verify(client: redis.Redis, config: Config, url: str, n: int) -> dict[str, Any]:
     """Pairs counted by the aggregates (raw hashes and the report) and what is left pending."""
-    keys = keys_of(config)
     agg_n = 0.0
     agg_records = 0.0
     windows = 0
-    for key in client.scan_iter(match=f"{keys.tag}:agg:*", count=1000):
-        values = client.hmget(key, ["n", "records"])
-        agg_n += float(values[0] or 0)
-        agg_records += float(values[1] or 0)
-        windows += 1
+    pending_n = dead = 0
+    for keys in keys_of(config).all_shards():  # one with record.shards = 1
+        for key in client.scan_iter(match=f"{keys.tag}:agg:*", count=1000):
+            values = client.hmget(key, ["n", "records"])
+            agg_n += float(values[0] or 0)
+            agg_records += float(values[1] or 0)
+            windows += 1
+        pending_n += int(client.xpending(keys.records, config.compare.group)["pending"])
+        dead += int(client.xlen(keys.dead_letter))
     report = uvloop.run(load_report(config, url, since_seconds=86400)).as_json()
     summary = report["summary"]
-    pending = client.xpending(keys.records, config.compare.group)
-    dead = client.xlen(keys.dead_letter)
-    ok = int(agg_n) == n and int(summary["pairs"]) == n and int(pending["pending"]) == 0 and dead == 0
+    ok = int(agg_n) == n and int(summary["pairs"]) == n and pending_n == 0 and dead == 0
     return {
         "ok": ok,
         "expected": n,
@@ -461,7 +465,7 @@ def verify(client: redis.Redis, config: Config, url: str, n: int) -> dict[str, A
         "agg_records": int(agg_records),
         "agg_hashes": windows,
         "report_pairs": int(summary["pairs"]),
-        "pending": int(pending["pending"]),
+        "pending": pending_n,
         "dead_letter": int(dead),
         "divergence_rate": summary["divergence"]["candidate_rate"],
     }
@@ -529,11 +533,11 @@ def run_instrumented(worker: Worker) -> dict[str, Any]:
     }
 
 
-def child_main(url: str, consumer: str, results: Any, go: Any) -> None:
+def child_main(url: str, consumer: str, results: Any, go: Any, shards: int = 1) -> None:
     """One comparator worker process: build the worker, report ready, wait for go, run one burst."""
     try:
         logs.configure("warning", "console")
-        worker = Worker(make_config(url, consumer), url)
+        worker = Worker(make_config(url, consumer, shards), url)
         results.put(("ready", consumer, None))
         if not go.wait(CHILD_GO_TIMEOUT):
             results.put(("error", consumer, "no start signal"))
@@ -632,7 +636,8 @@ def _attempt(
     results = ctx.Queue()
     go = ctx.Event()
     consumers = [f"bench-w{i + 1}" for i in range(workers)]
-    processes = [ctx.Process(target=child_main, args=(url, c, results, go), name=c) for c in consumers]
+    shards = config.record.shards
+    processes = [ctx.Process(target=child_main, args=(url, c, results, go, shards), name=c) for c in consumers]
     for process in processes:
         process.start()
     try:
@@ -672,6 +677,7 @@ def _attempt(
     run = {
         "label": label,
         "workers": workers,
+        "shards": shards,
         "n": n,
         "fill_s": fill_s,
         "wall_s": wall,
@@ -911,13 +917,82 @@ def render(
     return "\n".join(out)
 
 
+def scaling(args: argparse.Namespace) -> int:
+    """1 worker reading 1 shard against 4 workers reading 4 shards, the same records, runs interleaved."""
+    n = args.small or (20_000 if args.quick else 60_000)
+    repeats = args.repeats or (1 if args.quick else 3)
+    logs.configure("warning", "console")
+    ctx = multiprocessing.get_context("spawn")
+    cases = ((1, 1), (4, 4))
+    runs: dict[tuple[int, int], list[dict[str, Any]]] = {case: [] for case in cases}
+    with tempfile.TemporaryDirectory(prefix="bench-comparator-") as tmp:
+        server = EmbeddedRedis(Path(tmp), persist=False)
+        url = server.start()
+        client = redis.Redis.from_url(url, socket_timeout=60)
+        try:
+            records = build_records(WORKLOADS[0], n, make_config(url))
+            print(f"{n:,} small-JSON records, {records.bytes / 1e6:.1f} MB; warm-up ...", flush=True)
+            _attempt(ctx, url, client, make_config(url), Records(records.fields[:WARMUP_N], 0, 0), 1, "warm-up")
+            budget = [0]
+            for _ in range(repeats):
+                for workers, shards in cases:
+                    config = make_config(url, shards=shards)
+                    label = f"{shards} shard{'s' if shards > 1 else ''}"
+                    runs[(workers, shards)].append(
+                        measured_run(ctx, url, client, config, records, workers, label, budget)
+                    )
+        finally:
+            client.close()
+            server.stop()
+    print(f"\ncomparator scaling (bench/comparator.py --scaling), {os.cpu_count()} CPUs, median of {repeats}:")
+    summary = {}
+    for (workers, shards), rs in runs.items():
+        rate = statistics.median(r["pairs_per_s"] for r in rs)
+        worker_us = statistics.median(r["worker_cpu_s"] / r["applied"] * 1e6 for r in rs)
+        redis_us = statistics.median(r["redis_cpu_s"] / r["applied"] * 1e6 for r in rs)
+        ok = all(r["check"]["ok"] for r in rs)
+        disturbed = any(r["disturbed"] for r in rs)
+        summary[f"{workers}w{shards}s"] = {"pairs_per_s": rate, "worker_us": worker_us, "redis_us": redis_us}
+        print(
+            f"  {workers} worker(s) on {shards} shard(s): {rate:8,.0f} pairs/s, worker CPU {worker_us:6.1f} us/pair, "
+            f"redis CPU {redis_us:5.1f} us/pair, totals {'exact' if ok else 'MISMATCH'}"
+            + ("  [disturbed]" if disturbed else "")
+        )
+    ratio = summary["4w4s"]["pairs_per_s"] / summary["1w1s"]["pairs_per_s"]
+    cpu_ceiling = (os.cpu_count() or 1) * 1e6 / (summary["4w4s"]["worker_us"] + summary["4w4s"]["redis_us"])
+    print(
+        f"  4 workers on 4 shards / 1 worker on 1 shard: {ratio:.2f}x (target >= 3x); this machine's ceiling at the "
+        f"measured per-pair cost: {cpu_ceiling:,.0f} pairs/s = "
+        f"{cpu_ceiling / summary['1w1s']['pairs_per_s']:.2f}x one worker"
+    )
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"comparator-scaling-{stamp}.json"
+    out.write_text(
+        json.dumps(
+            {"summary": summary, "ratio": ratio, "runs": {f"{w}w{s}s": rs for (w, s), rs in runs.items()}},
+            default=str,
+            indent=1,
+        )
+    )
+    print(f"  results: {out}")
+    return 0 if all(r["check"]["ok"] for rs in runs.values() for r in rs) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="smaller streams and one repeat (under a minute)")
     parser.add_argument("--small", type=int, metavar="N", help="small-JSON records (overrides the preset)")
     parser.add_argument("--chat", type=int, metavar="N", help="chat records (overrides the preset)")
     parser.add_argument("--repeats", type=int, metavar="R", help="measured runs per row (overrides the preset)")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="issue 12's target instead: 1 worker on 1 shard against 4 workers on 4 shards (small-JSON records)",
+    )
     args = parser.parse_args()
+    if args.scaling:
+        return scaling(args)
     settings = QUICK if args.quick else FULL
     settings = Settings(
         small_n=args.small or settings.small_n,
