@@ -4,7 +4,9 @@ and the master of the deployment's slot killed under load (its replica promoted)
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import orjson
@@ -12,6 +14,7 @@ import pytest
 import redis
 
 from proxy.comparator.report_loader import load_report
+from proxy.redis import Keys
 
 from .cluster import LocalCluster
 from .conftest import eventually, make_config
@@ -20,6 +23,7 @@ from .test_redis_faults import Load, Stack, _loops_ok, _readyz, _stack
 pytestmark = pytest.mark.slow
 
 RECORDS = "{shadow}:records"
+T = TypeVar("T")
 
 
 def _on_master(cluster: LocalCluster) -> redis.Redis:
@@ -107,6 +111,55 @@ async def test_the_slots_master_killed_under_load_fails_over_and_nothing_is_lost
                 await eventually(lambda: _loops_ok(stack.proxy), within=30)
                 await asyncio.sleep(2)  # traffic on the new master
             await _check_failover(stack, cluster, load)
+    finally:
+        cluster.stop()
+
+
+async def test_with_four_shards_a_master_killed_under_load_fails_over_and_nothing_is_lost_uncounted(
+    upstreams, tmp_path: Path
+) -> None:
+    """record.shards = 4 on the three-master cluster: the master serving shard 0's slot (and whatever other shards
+    share it) is SIGKILLed at 100 requests/s. Every answered request is in exactly one shard stream on whichever
+    master serves it now, the two workers count each once over the four shards, and nothing is pending or lost."""
+    shards = Keys("shadow", "records", 4).all_shards()
+    cluster = LocalCluster(tmp_path / "cluster").start()
+    try:
+        async with _stack(upstreams, cluster.url, workers=2, shards=4) as stack:
+            victim = cluster.master_of(shards[0].records)
+            promoted = cluster.replicas_of(victim)[0]
+            async with Load(f"http://127.0.0.1:{stack.proxy.port}/v1/completions", rate=100) as load:
+                await asyncio.sleep(2)
+                await asyncio.to_thread(victim.kill)
+                assert await asyncio.to_thread(cluster.wait_failover, shards[0].records, victim) is promoted
+                await eventually(lambda: _loops_ok(stack.proxy), within=30)
+                await asyncio.sleep(2)
+            assert load.errors == 0 and set(load.statuses) == {200}, (load.errors, load.statuses)
+            answered = load.answered
+            metrics = stack.proxy.runtime.metrics
+            await eventually(lambda: _settled(stack, answered), within=30)
+            assert metrics.value("shadow_proxy_records_written_total") == answered
+            assert metrics.value("shadow_proxy_record_write_errors_total") > 0
+
+            def per_shard(read: Callable[[redis.Redis, Keys], T]) -> list[T]:
+                results = []
+                for keys in shards:
+                    with cluster.master_of(keys.records).client() as client:
+                        results.append(read(client, keys))
+                return results
+
+            def ids(client: redis.Redis, keys: Keys) -> set[bytes]:
+                return {fields[b"request_id"] for _, fields in client.xrange(keys.records)}
+
+            def applied(client: redis.Redis, keys: Keys) -> float:
+                return sum(float(client.hget(k, "n") or 0) for k in client.scan_iter(match=f"{keys.tag}:agg:*"))
+
+            recorded = per_shard(ids)
+            assert sum(len(found) for found in recorded) == len(set().union(*recorded)) == answered
+            assert all(recorded), [len(found) for found in recorded]  # every shard took records
+            await eventually(lambda: sum(per_shard(applied)) == answered, within=60)
+            assert per_shard(lambda client, keys: client.hgetall(keys.lost)) == [{}] * 4
+            pending = per_shard(lambda client, keys: client.xpending(keys.records, "comparators")["pending"])
+            assert pending == [0] * 4
     finally:
         cluster.stop()
 

@@ -138,9 +138,11 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def _stack(upstreams: Any, redis_url: str, workers: int = 1) -> AsyncIterator[Stack]:
+async def _stack(upstreams: Any, redis_url: str, workers: int = 1, shards: int = 1) -> AsyncIterator[Stack]:
     incumbent, candidate = await upstreams(echo), await upstreams(echo)
-    config = make_config(**_sections(redis_url, incumbent.url, candidate.url))
+    sections = _sections(redis_url, incumbent.url, candidate.url)
+    sections["record"]["shards"] = shards
+    config = make_config(**sections)
     proxy = ProxyServer(config)
     await proxy.start()
     started = [Worker(config, redis_url) for _ in range(workers)]
