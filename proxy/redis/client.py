@@ -192,17 +192,20 @@ def connect(url: str, *, socket_timeout: float, max_connections: int | None = No
     """
     if is_cluster_url(url):
         return connect_cluster(url, socket_timeout=socket_timeout, max_connections=max_connections)
-    return aioredis.Redis.from_url(
-        url,
-        protocol=2,
-        decode_responses=False,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=min(socket_timeout, 2.0),
-        socket_keepalive=True,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-        max_connections=max_connections,
-    )
+    return aioredis.Redis.from_url(url, max_connections=max_connections, **_pinned(socket_timeout))
+
+
+def _pinned(socket_timeout: float) -> dict[str, Any]:
+    """What every client gets, one server or a cluster: RESP2 replies as bytes, explicit timeouts, no retries."""
+    return {
+        "protocol": 2,
+        "decode_responses": False,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": min(socket_timeout, 2.0),
+        "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
 
 
 def connect_cluster(url: str, *, socket_timeout: float, max_connections: int | None = None) -> RedisCluster:
@@ -220,14 +223,8 @@ def connect_cluster(url: str, *, socket_timeout: float, max_connections: int | N
         username=unquote(username) or None,
         password=unquote(password) or None,
         ssl=url.startswith("rediss+"),
-        protocol=2,
-        decode_responses=False,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=min(socket_timeout, 2.0),
-        socket_keepalive=True,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
         max_connections=max_connections or 100,
+        **_pinned(socket_timeout),
     )
 
 
