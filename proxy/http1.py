@@ -33,7 +33,7 @@ import collections
 import math
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 import httptools
@@ -372,8 +372,10 @@ class Pool:
         read_timeout: float,
         total_timeout: float = 0.0,
         keepalive: float = KEEPALIVE,
+        on_wait: Callable[[], None] | None = None,
     ) -> None:
         self.host = host
+        self.on_wait = on_wait  # called when a request has to wait for a connection (the pool is at its limit)
         self.port = port
         self.limit = limit
         self.connect_timeout = connect_timeout
@@ -448,6 +450,8 @@ class Pool:
         conn = self._idle_connection(self.loop.time())
         if conn is not None:
             return conn
+        if self._open >= self.limit and self.on_wait is not None:
+            self.on_wait()
         while self._open >= self.limit:
             waiter = self.loop.create_future()
             self._waiters.append(waiter)

@@ -28,6 +28,12 @@ class Metrics:
             ["upstream", "route", "code"],
             registry=r,
         )
+        self.upstream_pool_waits = Counter(
+            "shadow_proxy_upstream_pool_waits",
+            "Upstream requests that waited for a connection because the upstream's pool was at pool_size.",
+            ["upstream"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "shadow_proxy_upstream_errors",
             "Upstream failures by upstream, role (live/shadow) and error class.",
@@ -43,7 +49,7 @@ class Metrics:
         )
         self.overhead = Histogram(
             "shadow_proxy_overhead_seconds",
-            "Time the proxy spends on a request before sending it upstream (body read, routing, mirror start).",
+            "Time the proxy spends on a request before sending it upstream (body read, routing, headers).",
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0),
             registry=r,
         )

@@ -17,6 +17,7 @@ from . import http1
 from .config import UpstreamConfig
 from .exchange import ArmCapture, now
 from .http1 import Response, UpstreamError
+from .metrics import Metrics
 from .shaping import Shaping
 
 # What a send can raise: the client's own failures, and the system's (a socket error outside a request).
@@ -50,7 +51,7 @@ def classify(exc: BaseException) -> Failure:
 class Upstream:
     """One upstream model server with its own connection pool and timeouts."""
 
-    def __init__(self, name: str, config: UpstreamConfig) -> None:
+    def __init__(self, name: str, config: UpstreamConfig, metrics: Metrics | None = None) -> None:
         self.name = name
         self.config = config
         self.shaping = Shaping.from_config(config)
@@ -67,6 +68,7 @@ class Upstream:
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             total_timeout=config.total_timeout,
+            on_wait=metrics.child(metrics.upstream_pool_waits, name).inc if metrics is not None else None,
         )
 
     async def start(self) -> None:

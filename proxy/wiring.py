@@ -64,7 +64,7 @@ class Runtime:
         metrics = Metrics()
         supervisor = _supervisor(metrics)
         record = config.record
-        incumbent = Upstream("incumbent", config.incumbent)
+        incumbent = Upstream("incumbent", config.incumbent, metrics)
         cap = record.max_body_bytes if record.enabled else 0  # nothing is captured when nothing is recorded
         keys = Keys(record.namespace, record.stream, record.shards)
         clients = writer = recorder = canary = None
@@ -180,7 +180,7 @@ def _canary(
         health=supervisor.health("canary-weights"),
     )
     # The candidate serving live traffic gets a pool of its own, apart from the mirrors' pool.
-    live_candidate = Upstream(candidate.name, candidate)
+    live_candidate = Upstream(candidate.name, candidate, metrics)
     reverse = None
     if config.canary.reverse_shadow:
         # The incumbent is mirrored on the requests the candidate itself would have been mirrored.
@@ -230,7 +230,7 @@ def _candidate_mirror(config: Config, candidate: CandidateConfig, metrics: Metri
         ledger, cost = SpendLedger(candidate.budget_per_hour), MirrorCost(candidate)
         cap = max(cap, BUDGET_CAPTURE)  # the answer is needed to count its cost, recorded or not
     return ShadowDispatcher(
-        Upstream(candidate.name, candidate),
+        Upstream(candidate.name, candidate, metrics),
         config.shadow,
         metrics,
         capture_cap=cap,
@@ -267,7 +267,7 @@ def _incumbent_mirror(
 ) -> ShadowDispatcher:
     """Mirrors to the incumbent (A/A copies, reverse shadow) on a client of their own: never the live pool."""
     return ShadowDispatcher(
-        Upstream("incumbent", config.incumbent),
+        Upstream("incumbent", config.incumbent, metrics),
         config.shadow,
         metrics,
         capture_cap=cap,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from proxy.tools.embedded_redis import _die_with_parent, find_redis_server
+from proxy.tools.embedded_redis import EmbeddedRedis, find_redis_server
 
 NODE_TIMEOUT_MS = 1000  # how long a master may be silent before its replica takes over
 
@@ -41,11 +41,13 @@ def free_cluster_ports(count: int) -> list[int]:
     return ports
 
 
-@dataclass
-class Node:
-    port: int
-    data_dir: Path
-    process: subprocess.Popen[bytes] | None = None
+class Node(EmbeddedRedis):
+    """One cluster-mode redis-server (no persistence), started and stopped like the embedded Redis."""
+
+    def __init__(self, port: int, data_dir: Path) -> None:
+        cluster = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        timeout = ("--cluster-node-timeout", str(NODE_TIMEOUT_MS))
+        super().__init__(data_dir, port=port, persist=False, extra_args=(*cluster, *timeout))
 
     @property
     def name(self) -> str:
@@ -53,53 +55,6 @@ class Node:
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            find_redis_server(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.data_dir),
-            "--logfile",
-            "redis.log",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            str(NODE_TIMEOUT_MS),
-            "--appendonly",
-            "no",
-            "--save",
-            "",
-        ]
-        # Stopped by the kernel if the test process dies without tearing the cluster down.
-        self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
-        )
-
-    def kill(self) -> None:
-        """SIGKILL: the node vanishes as a crashed machine would."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def answers(self) -> bool:
         try:

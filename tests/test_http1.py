@@ -615,10 +615,13 @@ async def test_limit_one_serves_concurrent_requests_one_connection_at_a_time() -
             await peer.send(answer(request.split(b" ")[1]))
 
     async with raw_server(echo_path) as server, pool(server.port, limit=1) as client:
+        waits: list[None] = []
+        client.on_wait = lambda: waits.append(None)
         results = await asyncio.gather(*(get(client, f"/{i}") for i in range(3)))
         assert [body for _, body in results] == [b"/0", b"/1", b"/2"]
         assert (server.accepted, server.max_active) == (1, 1)
         assert client.open_connections == 1
+        assert len(waits) == 2  # the second and third request waited for the pool (the proxy counts each)
 
 
 async def test_limit_one_with_connections_closed_after_each_answer() -> None:

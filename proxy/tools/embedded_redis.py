@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -63,10 +64,11 @@ def _die_with_parent() -> None:
 class EmbeddedRedis:
     """Start, stop and restart one redis-server on a loopback port."""
 
-    def __init__(self, data_dir: Path, *, port: int = 0, persist: bool = True) -> None:
+    def __init__(self, data_dir: Path, *, port: int = 0, persist: bool = True, extra_args: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.persist = persist
+        self.extra_args = tuple(extra_args)  # more redis-server options (the tests' cluster nodes)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -92,6 +94,7 @@ class EmbeddedRedis:
             "no",
             "--protected-mode",
             "yes",
+            *self.extra_args,
         ]
         if self.persist:
             return [*args, "--appendonly", "yes", "--appendfsync", "everysec", "--save", "300 1"]
@@ -122,6 +125,13 @@ class EmbeddedRedis:
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
             return False
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes as a crashed machine would (nothing saved)."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (redis-server saves its data), then SIGKILL after the deadline."""
